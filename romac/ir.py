@@ -1,0 +1,289 @@
+"""The IR: a LLaMA-family decoder as a small graph of ops over lazily loaded weights.
+
+A :class:`Model` is immutable: passes return a new one (``dataclasses.replace``) and never mutate their input.
+Its ``graph`` is a networkx DiGraph whose nodes are ops (:class:`Op`), in data-flow order; its ``weights``
+map canonical tensor names (HF names without the ``model.`` prefix and ``.weight`` suffix, e.g.
+``layers.0.self_attn.q_proj``) to :class:`WeightHandle` objects that read the tensor only when asked.
+Nothing in the IR holds weight arrays, so a 8B model's IR is a few kilobytes.
+
+Passes add their results as annotations: per tensor (``tensors``: format, tile grid, placement) and per model
+(``annotations``: target, SRAM map, program).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import networkx as nx
+import numpy as np
+
+ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTN_PROJECTIONS + MLP_PROJECTIONS
+
+
+def projection_tensor(layer: int, module: str) -> str:
+    """Canonical tensor name of one projection matrix, e.g. ``layers.3.mlp.up_proj``."""
+    block = "self_attn" if module in ATTN_PROJECTIONS else "mlp"
+    return f"layers.{layer}.{block}.{module}"
+
+
+class OpKind(str, enum.Enum):
+    EMBEDDING = "embedding"
+    RMSNORM = "rmsnorm"
+    LINEAR = "linear"
+    ROPE = "rope"
+    ATTENTION = "attention"
+    SWIGLU = "swiglu"
+    ADD = "add"
+    LM_HEAD = "lm_head"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The hyper-parameters of a LLaMA-family decoder, as romac needs them."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int = 4096
+    rope_scaling: Mapping[str, Any] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def projection_shape(self, module: str) -> tuple[int, int]:
+        """(out_features, in_features) of a projection, as stored (HF ``nn.Linear`` layout)."""
+        h, f = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (self.q_dim, h),
+            "k_proj": (self.kv_dim, h),
+            "v_proj": (self.kv_dim, h),
+            "o_proj": (h, self.q_dim),
+            "gate_proj": (f, h),
+            "up_proj": (f, h),
+            "down_proj": (h, f),
+        }[module]
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """Inverse RoPE frequencies (head_dim/2,) as float32, with LLaMA-3 scaling when configured."""
+        dim = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        scaling = dict(self.rope_scaling or {})
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "llama3":
+            factor = float(scaling["factor"])
+            low = float(scaling.get("low_freq_factor", 1.0))
+            high = float(scaling.get("high_freq_factor", 4.0))
+            old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+            low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+            wavelen = 2 * math.pi / inv
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+            medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+            inv = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+        elif kind == "linear":
+            inv = inv / float(scaling["factor"])
+        elif kind not in ("default", None):
+            from romac.errors import RomacError
+
+            raise RomacError(
+                f"RoPE scaling type {kind!r} is not supported",
+                where="config.json rope_scaling",
+                hint="supported: default, linear, llama3",
+            )
+        return inv.astype(np.float32)
+
+
+class WeightHandle(Protocol):
+    """A tensor that is read only when :meth:`load` is called (memory-mapped where the source allows)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    def load(self) -> np.ndarray:  # float32 for float tensors
+        ...
+
+
+@dataclass(frozen=True)
+class LazyWeight:
+    """A weight read on demand by a loader function (the front-ends' memory-mapped readers use this)."""
+
+    name: str
+    shape: tuple[int, ...]
+    loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    source: str = ""
+
+    def load(self) -> np.ndarray:
+        return self.loader()
+
+
+@dataclass(frozen=True)
+class ArrayWeight:
+    """A weight already in memory (generated models, small tensors)."""
+
+    name: str
+    array: np.ndarray = field(repr=False, compare=False)
+    source: str = "<memory>"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def load(self) -> np.ndarray:
+        return self.array
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One PEFT LoRA adapter: ``W x + scaling * B (A x)`` on the listed projections.
+
+    ``weights`` maps a projection tensor name (``layers.0.self_attn.q_proj``) to its (A, B) handles,
+    A of shape (rank, in_features) and B of shape (out_features, rank).
+    """
+
+    name: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    weights: Mapping[str, tuple[WeightHandle, WeightHandle]]
+    source: str = ""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+@dataclass(frozen=True)
+class Model:
+    """The whole IR: config, op graph, weights, adapters, and what passes have added."""
+
+    config: ModelConfig
+    graph: nx.DiGraph
+    weights: Mapping[str, WeightHandle]
+    adapters: tuple[LoraAdapter, ...] = ()
+    source: Mapping[str, Any] = field(default_factory=dict)
+    tensors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    annotations: Mapping[str, Any] = field(default_factory=dict)
+
+    def ops(self) -> Iterator[tuple[str, dict]]:
+        """Op nodes in execution (topological) order."""
+        for node in nx.topological_sort(self.graph):
+            yield node, self.graph.nodes[node]
+
+    def with_tensors(self, updates: Mapping[str, Mapping[str, Any]]) -> "Model":
+        """A copy with per-tensor annotations merged in (``updates[name]`` adds keys to ``tensors[name]``)."""
+        merged = {k: dict(v) for k, v in self.tensors.items()}
+        for name, extra in updates.items():
+            merged.setdefault(name, {}).update(extra)
+        return dataclasses.replace(self, tensors=merged)
+
+    def with_annotations(self, **extra: Any) -> "Model":
+        return dataclasses.replace(self, annotations={**self.annotations, **extra})
+
+    def adapter(self, name: str) -> LoraAdapter:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
+def tensor_names(config: ModelConfig) -> list[str]:
+    """Every weight tensor of a LLaMA decoder, in the order romac stores them."""
+    names = ["embed_tokens"]
+    for i in range(config.num_layers):
+        names.append(f"layers.{i}.input_layernorm")
+        names.extend(projection_tensor(i, m) for m in ATTN_PROJECTIONS)
+        names.append(f"layers.{i}.post_attention_layernorm")
+        names.extend(projection_tensor(i, m) for m in MLP_PROJECTIONS)
+    names.append("norm")
+    if not config.tie_word_embeddings:
+        names.append("lm_head")
+    return names
+
+
+def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
+    """The shape a tensor must have for this config (what front-ends check loaded headers against)."""
+    if name == "embed_tokens" or name == "lm_head":
+        return (config.vocab_size, config.hidden_size)
+    if name == "norm" or name.endswith("layernorm"):
+        return (config.hidden_size,)
+    module = name.rsplit(".", 1)[1]
+    return config.projection_shape(module)
+
+
+def build_llama_graph(config: ModelConfig) -> nx.DiGraph:
+    """The op graph of a LLaMA decoder; node ids name the op, node data says what it does.
+
+    Node attributes: ``op`` (:class:`OpKind`), ``layer`` (int or None), ``weight`` (tensor name or None),
+    and for linear ops ``module`` (q_proj ...), which is what LoRA adapters attach to.
+    """
+    g = nx.DiGraph()
+
+    def add(node: str, op: OpKind, inputs: tuple[str, ...], layer: int | None = None, **attrs: Any) -> str:
+        g.add_node(node, op=op, layer=layer, inputs=inputs, **attrs)
+        for src in inputs:
+            g.add_edge(src, node)
+        return node
+
+    x = add("embed", OpKind.EMBEDDING, (), weight="embed_tokens")
+    for i in range(config.num_layers):
+        p = f"layers.{i}"
+        h = add(f"{p}.input_layernorm", OpKind.RMSNORM, (x,), i, weight=f"{p}.input_layernorm")
+        q = add(f"{p}.q_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "q_proj"), module="q_proj")
+        k = add(f"{p}.k_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "k_proj"), module="k_proj")
+        v = add(f"{p}.v_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "v_proj"), module="v_proj")
+        qr = add(f"{p}.rope_q", OpKind.ROPE, (q,), i)
+        kr = add(f"{p}.rope_k", OpKind.ROPE, (k,), i)
+        a = add(f"{p}.attention", OpKind.ATTENTION, (qr, kr, v), i)
+        o = add(f"{p}.o_proj", OpKind.LINEAR, (a,), i, weight=projection_tensor(i, "o_proj"), module="o_proj")
+        x = add(f"{p}.attn_residual", OpKind.ADD, (x, o), i)
+        h = add(f"{p}.post_attention_layernorm", OpKind.RMSNORM, (x,), i, weight=f"{p}.post_attention_layernorm")
+        gt = add(f"{p}.gate_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "gate_proj"), module="gate_proj")
+        up = add(f"{p}.up_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "up_proj"), module="up_proj")
+        s = add(f"{p}.swiglu", OpKind.SWIGLU, (gt, up), i)
+        d = add(f"{p}.down_proj", OpKind.LINEAR, (s,), i, weight=projection_tensor(i, "down_proj"), module="down_proj")
+        x = add(f"{p}.mlp_residual", OpKind.ADD, (x, d), i)
+    h = add("norm", OpKind.RMSNORM, (x,), weight="norm")
+    head = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+    add("lm_head", OpKind.LM_HEAD, (h,), weight=head)
+    return g
+
+
+def make_model(
+    config: ModelConfig,
+    weights: Mapping[str, WeightHandle],
+    adapters: tuple[LoraAdapter, ...] = (),
+    source: Mapping[str, Any] | None = None,
+) -> Model:
+    """Assemble and check a Model: every tensor present with the shape the config implies."""
+    from romac.errors import RomacError
+
+    for name in tensor_names(config):
+        if name not in weights:
+            raise RomacError(f"tensor {name!r} is missing", where=str((source or {}).get("path", "model")))
+        want, got = expected_shape(config, name), tuple(weights[name].shape)
+        if want != got:
+            raise RomacError(
+                f"tensor {name!r} has shape {got}, the config implies {want}",
+                where=str(getattr(weights[name], "source", "") or "model"),
+            )
+    return Model(config, build_llama_graph(config), dict(weights), tuple(adapters), dict(source or {}))

@@ -1,0 +1,163 @@
+"""Hardware targets: chips described as TOML data files, validated on load.
+
+A target states the B-ROM geometry (banks, words per bank, word width, tile shape), the SRAM size, the
+datapath precisions (weight formats, LoRA and KV-cache precision) and the clock. ``load_target`` takes a
+built-in name (a ``*.toml`` beside this module) or a path, and refuses a file with a missing or invalid
+field in one line that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from romac.errors import RomacError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TARGET_DIR = Path(__file__).resolve().parent
+DEFAULT_TARGET = "tiny"
+
+WEIGHT_FORMATS = ("nf4", "fp4", "int8", "int4", "int2", "fp16", "fp32")
+NORM_FORMATS = ("fp32", "fp16")
+LORA_FORMATS = ("fp8_e4m3", "fp16")
+KV_FORMATS = ("fp32", "fp16", "fp8_e4m3")
+ACTIVATION_FORMATS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    clock_mhz: float
+    banks: int
+    bank_words: int
+    word_bits: int
+    tile_rows: int
+    tile_cols: int
+    sram_bytes: int
+    max_context: int
+    weights: str
+    embedding: str
+    norms: str
+    group_size: int
+    activations: str
+    accumulator: str
+    lora: str
+    kv_cache: str
+    source: str = ""
+    extra: Any = None  # sections the core does not interpret (performance model parameters)
+
+    @property
+    def word_bytes(self) -> int:
+        return self.word_bits // 8
+
+    @property
+    def bank_bytes(self) -> int:
+        return self.bank_words * self.word_bytes
+
+    @property
+    def rom_bytes(self) -> int:
+        return self.banks * self.bank_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+
+@dataclass(frozen=True)
+class _Range:
+    lo: float
+    hi: float
+
+
+_SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    # section -> field -> (type, a tuple of allowed values or a _Range, or None for free text)
+    "target": {"name": (str, None), "description": (str, None), "clock_mhz": (float, _Range(1e-3, 1e6))},
+    "rom": {
+        "banks": (int, _Range(1, 1 << 20)),
+        "bank_words": (int, _Range(1, 1 << 40)),
+        "word_bits": (int, (8, 16, 32, 64, 128, 256, 512, 1024)),
+        "tile_rows": (int, _Range(1, 1 << 16)),
+        "tile_cols": (int, _Range(1, 1 << 16)),
+    },
+    "sram": {"bytes": (int, _Range(1, 1 << 48)), "max_context": (int, _Range(1, 1 << 24))},
+    "datapath": {
+        "weights": (str, WEIGHT_FORMATS),
+        "embedding": (str, WEIGHT_FORMATS),
+        "norms": (str, NORM_FORMATS),
+        "group_size": (int, _Range(1, 1 << 16)),
+        "activations": (str, ACTIVATION_FORMATS),
+        "accumulator": (str, ACTIVATION_FORMATS),
+        "lora": (str, LORA_FORMATS),
+        "kv_cache": (str, KV_FORMATS),
+    },
+}
+_FIELD_NAMES = {("sram", "bytes"): "sram_bytes"}
+
+
+def _check(path: str, section: str, key: str, value: Any, kind: type, allowed: Any) -> Any:
+    where = f"{path} [{section}] {key}"
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise RomacError(f"must be a {kind.__name__}, got {value!r}", where=where)
+    if isinstance(allowed, tuple) and value not in allowed:
+        raise RomacError(f"{value!r} is not one of {', '.join(map(str, allowed))}", where=where)
+    if isinstance(allowed, _Range) and not allowed.lo <= value <= allowed.hi:
+        raise RomacError(f"{value} is outside [{allowed.lo}, {allowed.hi}]", where=where)
+    return value
+
+
+def target_from_dict(data: dict[str, Any], path: str = "<target>") -> Target:
+    """Validate a parsed target file and build the :class:`Target`."""
+    fields: dict[str, Any] = {}
+    for section, spec in _SCHEMA.items():
+        table = data.get(section)
+        if not isinstance(table, dict):
+            raise RomacError(f"section [{section}] is missing", where=path, hint="see targets/tiny.toml")
+        for key, (kind, allowed) in spec.items():
+            if key not in table:
+                raise RomacError(f"field is missing", where=f"{path} [{section}] {key}")
+            fields[_FIELD_NAMES.get((section, key), key)] = _check(path, section, key, table[key], kind, allowed)
+    t = Target(**fields, source=path, extra={k: v for k, v in data.items() if k not in _SCHEMA} or None)
+    if t.tile_cols % t.group_size:
+        raise RomacError(
+            f"tile_cols {t.tile_cols} is not a multiple of group_size {t.group_size}",
+            where=f"{path} [rom] tile_cols",
+        )
+    if t.tile_cols % 8:
+        raise RomacError(f"tile_cols {t.tile_cols} is not a multiple of 8", where=f"{path} [rom] tile_cols")
+    return t
+
+
+def builtin_targets() -> list[str]:
+    return sorted(p.stem for p in TARGET_DIR.glob("*.toml"))
+
+
+def load_target(name_or_path: str | Path | None = None) -> Target:
+    """A built-in target by name, or a target TOML file by path."""
+    spec = str(name_or_path or DEFAULT_TARGET)
+    path = Path(spec)
+    if not (spec.endswith(".toml") or path.exists()):
+        path = TARGET_DIR / f"{spec}.toml"
+        if not path.exists():
+            raise RomacError(
+                f"no built-in target named {spec!r}",
+                where="--target",
+                hint=f"built-in targets: {', '.join(builtin_targets())}; or give a path to a .toml file",
+            )
+    if not path.is_file():
+        raise RomacError("target file not found", where=str(path))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RomacError(f"not a valid TOML file ({e})", where=str(path)) from None
+    shown = path.stem if path.parent == TARGET_DIR else str(path)
+    return target_from_dict(data, shown)
