@@ -24,6 +24,7 @@ import numpy as np
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTN_PROJECTIONS + MLP_PROJECTIONS
+ROPE_TABLE = "rope.inv_freq"  # the inverse-frequency table, derived from the config and stored in ROM
 
 
 def projection_tensor(layer: int, module: str) -> str:
@@ -131,9 +132,16 @@ class LazyWeight:
     shape: tuple[int, ...]
     loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
     source: str = ""
+    row_loader: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> np.ndarray:
         return self.loader()
+
+    def load_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32, reading only those (when the source allows)."""
+        if self.row_loader is not None:
+            return self.row_loader(start, stop)
+        return self.loader()[start:stop]
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,9 @@ class ArrayWeight:
 
     def load(self) -> np.ndarray:
         return self.array
+
+    def load_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
 
 
 @dataclass(frozen=True)
@@ -220,10 +231,17 @@ def tensor_names(config: ModelConfig) -> list[str]:
     return names
 
 
+def stored_tensors(config: ModelConfig) -> list[str]:
+    """Every tensor placed in ROM: the weights plus the tables derived from the config."""
+    return tensor_names(config) + [ROPE_TABLE]
+
+
 def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     """The shape a tensor must have for this config (what front-ends check loaded headers against)."""
     if name == "embed_tokens" or name == "lm_head":
         return (config.vocab_size, config.hidden_size)
+    if name == ROPE_TABLE:
+        return (config.head_dim // 2,)
     if name == "norm" or name.endswith("layernorm"):
         return (config.hidden_size,)
     module = name.rsplit(".", 1)[1]
@@ -251,8 +269,8 @@ def build_llama_graph(config: ModelConfig) -> nx.DiGraph:
         q = add(f"{p}.q_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "q_proj"), module="q_proj")
         k = add(f"{p}.k_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "k_proj"), module="k_proj")
         v = add(f"{p}.v_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "v_proj"), module="v_proj")
-        qr = add(f"{p}.rope_q", OpKind.ROPE, (q,), i)
-        kr = add(f"{p}.rope_k", OpKind.ROPE, (k,), i)
+        qr = add(f"{p}.rope_q", OpKind.ROPE, (q,), i, weight=ROPE_TABLE)
+        kr = add(f"{p}.rope_k", OpKind.ROPE, (k,), i, weight=ROPE_TABLE)
         a = add(f"{p}.attention", OpKind.ATTENTION, (qr, kr, v), i)
         o = add(f"{p}.o_proj", OpKind.LINEAR, (a,), i, weight=projection_tensor(i, "o_proj"), module="o_proj")
         x = add(f"{p}.attn_residual", OpKind.ADD, (x, o), i)
@@ -286,4 +304,5 @@ def make_model(
                 f"tensor {name!r} has shape {got}, the config implies {want}",
                 where=str(getattr(weights[name], "source", "") or "model"),
             )
-    return Model(config, build_llama_graph(config), dict(weights), tuple(adapters), dict(source or {}))
+    weights = {**weights, ROPE_TABLE: ArrayWeight(ROPE_TABLE, config.rope_inv_freq(), "config.json rope")}
+    return Model(config, build_llama_graph(config), weights, tuple(adapters), dict(source or {}))

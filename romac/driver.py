@@ -1,0 +1,46 @@
+"""The build: front-end → passes → emitter, as one call (what ``romac compile`` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from romac.backend.emit import emit
+from romac.frontend import attach_adapters, load_model
+from romac.ir import Model
+from romac.passes import CompileOptions, run_pipeline
+from romac.targets import Target, load_target
+
+
+def compile_model(
+    model: Model,
+    out: str | Path,
+    target: Target | str | None = None,
+    options: CompileOptions = CompileOptions(),
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> Model:
+    """Compile an IR model onto a target and write the artifact directory; returns the compiled IR."""
+    if not isinstance(target, Target):
+        target = load_target(target)
+    compiled = run_pipeline(model, target, options)
+    emit(compiled, out, force=force, progress=progress)
+    return compiled
+
+
+def compile_checkpoint(
+    model_spec: str | None,
+    out: str | Path,
+    adapters: Sequence[str] = (),
+    target: Target | str | None = None,
+    options: CompileOptions = CompileOptions(),
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> Model:
+    """Load a checkpoint (``None``: the built-in model and adapter) plus adapters, and compile it."""
+    model = load_model(model_spec, with_builtin_adapter=not adapters)
+    if adapters:
+        model = attach_adapters(model, adapters)
+    return compile_model(model, out, target, options, force=force, progress=progress)

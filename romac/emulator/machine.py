@@ -1,0 +1,99 @@
+"""The machine: ROM banks, SRAM, activation buffers and the program, run step by step.
+
+It is built from an artifact directory alone (checked against its manifest first) and never sees the
+source checkpoint or the IR. ``step`` runs the program once over T new tokens (prefill: the prompt;
+decode: one token), appending their K and V to the cache in SRAM and returning their logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from romac.artifacts import PROGRAM_BIN, open_artifacts
+from romac.backend import isa
+from romac.emulator.ops import SEMANTICS
+from romac.emulator.rom import Rom
+from romac.emulator.sram import Sram
+from romac.errors import RomacError
+
+
+class Machine:
+    def __init__(self, artifacts: str | Path, adapter: str | None = None) -> None:
+        self.manifest = open_artifacts(artifacts)
+        root = Path(self.manifest["root"])
+        self.config = self.manifest["model"]
+        self.rom = Rom(root, self.manifest)
+        self.sram = Sram(root, self.manifest)
+        self.program = isa.decode((root / PROGRAM_BIN).read_bytes(), source=str(root / PROGRAM_BIN))
+        isa.validate(self.program)
+        self._handlers: list[tuple[Callable, isa.Instr]] = [(SEMANTICS[i.op], i) for i in self.program if i.op != isa.Opcode.HALT]
+        self._weights_t: dict[int, np.ndarray] = {}
+        self._rope: dict[int, np.ndarray] = {}
+        self.buf: dict[int, np.ndarray] = {}
+        self.pos0 = 0
+        self.sram.load_adapter(adapter)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.sram.adapter
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    def weight_t(self, rid: int) -> np.ndarray:
+        """W^T of a matrix region, decoded once (row-vector activations multiply it from the left)."""
+        w = self._weights_t.get(rid)
+        if w is None:
+            w = self._weights_t[rid] = np.ascontiguousarray(self.rom.value(rid).T)
+        return w
+
+    def rope_tables(self, rid: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [t, head_dim] at positions pos0 .. pos0+t-1 (angles in float64, like the golden model)."""
+        inv = self._rope.get(rid)
+        if inv is None:
+            inv = self._rope[rid] = self.rom.value(rid).astype(np.float64)
+        angles = np.arange(self.pos0, self.pos0 + t, dtype=np.float64)[:, None] * inv[None, :]
+        angles = np.concatenate([angles, angles], axis=-1)
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def reset(self, adapter: str | None | type(...) = ...) -> None:
+        """Forget the context (and switch adapter when one is given; ``None`` runs the base model)."""
+        self.pos0 = 0
+        if adapter is not ...:
+            self.sram.load_adapter(adapter)
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run the program over len(tokens) new positions; returns their logits [T, vocab] (float32)."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise RomacError("no tokens to run", where="--prompt-ids")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise RomacError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})", where="--prompt-ids")
+        if self.pos0 + ids.size > self.sram.max_context:
+            raise RomacError(
+                f"{self.pos0 + ids.size} positions exceed the compiled context of {self.sram.max_context}",
+                where="KV cache",
+                hint="recompile with a larger --max-context, or ask for fewer tokens",
+            )
+        self.buf = {isa.Buf.TOK: ids}
+        for handler, instr in self._handlers:
+            handler(self, instr)
+        self.pos0 += ids.size
+        return self.buf[isa.Buf.LOGITS]
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, stop: int | None = None):
+        """Greedy decoding: returns (new token ids, logits of every position, prompt and new, [positions, vocab])."""
+        logits = [self.step(prompt)]
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(logits[-1][-1]))
+            new.append(nxt)
+            logits.append(self.step([nxt]))
+            if stop is not None and nxt == stop:
+                break
+        return new, np.concatenate(logits, axis=0)

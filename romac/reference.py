@@ -1,0 +1,135 @@
+"""The golden model: the quantized model (plus LoRA) computed in float64 numpy, straight from the IR.
+
+It shares nothing with the emulator but the codecs: weights come from the source checkpoint through the
+front-end and are quantized and dequantized by the same codec definitions the compiler used (the formats are
+read from the artifacts' manifest), LoRA A/B are rounded to the SRAM precision, and K/V to the KV-cache
+precision; everything else is exact float64 arithmetic over the whole sequence at once (no KV cache, no
+tiles, no instructions). The emulator must agree with it to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from romac.codecs import fp8_e4m3_decode, fp8_e4m3_encode, fp16_decode, fp16_encode, get_codec
+from romac.ir import ATTN_PROJECTIONS, MLP_PROJECTIONS, ROPE_TABLE, Model, projection_tensor
+
+_KV_ROUND = {"fp32": np.float32, "fp16": np.float16, "fp8_e4m3": ml_dtypes.float8_e4m3fn}
+_FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+
+
+def lora_roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
+    """A LoRA matrix as it reads back from SRAM in the given precision."""
+    if fmt == "fp8_e4m3":
+        codes, scale = fp8_e4m3_encode(np.asarray(x, np.float32))
+        return fp8_e4m3_decode(codes, scale)
+    return fp16_decode(fp16_encode(np.asarray(x, np.float32)))
+
+
+def kv_roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
+    if fmt == "fp8_e4m3":
+        x = np.clip(x, -_FP8_MAX, _FP8_MAX)
+    return x.astype(_KV_ROUND[fmt]).astype(np.float64)
+
+
+class GoldenModel:
+    """float64 forward pass of the quantized model.
+
+    ``formats`` maps each stored tensor to its codec spec (the manifest's regions); ``lora_format`` and
+    ``kv_format`` are the target's SRAM precisions. ``adapter`` selects one of the model's adapters or none.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        formats: Mapping[str, dict],
+        lora_format: str = "fp32",
+        kv_format: str = "fp32",
+        adapter: str | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.formats = formats
+        self.kv_format = kv_format
+        self._w: dict[str, np.ndarray] = {}
+        self.lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+        if adapter is not None:
+            ad = model.adapter(adapter)
+            scaling = float(np.float32(ad.scaling))
+            for tensor, (a, b) in ad.weights.items():
+                a64 = lora_roundtrip(a.load(), lora_format).astype(np.float64) if lora_format != "fp32" else a.load().astype(np.float64)
+                b64 = lora_roundtrip(b.load(), lora_format).astype(np.float64) if lora_format != "fp32" else b.load().astype(np.float64)
+                self.lora[tensor] = (a64, b64, scaling)
+
+    def weight(self, name: str) -> np.ndarray:
+        """A stored tensor as the chip holds it (quantized then dequantized), in float64."""
+        w = self._w.get(name)
+        if w is None:
+            handle = self.model.weights[name]
+            codec = get_codec(**self.formats[name])
+            if hasattr(handle, "load_quantized"):
+                q = handle.load_quantized()
+            else:
+                x = np.asarray(handle.load(), np.float32)
+                q = codec.quantize(x if x.ndim == 2 else x.reshape(1, -1))
+            w = self._w[name] = codec.dequantize(q).astype(np.float64).reshape(handle.shape)
+        return w
+
+    def _linear(self, x: np.ndarray, layer: int, module: str) -> np.ndarray:
+        tensor = projection_tensor(layer, module)
+        y = x @ self.weight(tensor).T
+        if tensor in self.lora:
+            a, b, s = self.lora[tensor]
+            y = y + ((x @ a.T) @ b.T) * s
+        return y
+
+    def _rmsnorm(self, x: np.ndarray, name: str) -> np.ndarray:
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps) * self.weight(name)
+
+    def _rope(self, x: np.ndarray, heads: int) -> np.ndarray:
+        t = x.shape[0]
+        inv = self.weight(ROPE_TABLE)
+        ang = np.arange(t, dtype=np.float64)[:, None] * inv[None, :]
+        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+        xh = x.reshape(t, heads, -1)
+        half = xh.shape[-1] // 2
+        rot = np.concatenate([-xh[..., half:], xh[..., :half]], axis=-1)
+        return (xh * cos[:, None] + rot * sin[:, None]).reshape(t, -1)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [T, vocab] (float64) of every position of a token sequence, causally."""
+        cfg = self.cfg
+        ids = np.asarray(tokens, np.int64)
+        t, hd = ids.size, cfg.head_dim
+        x = self.weight("embed_tokens")[ids]
+        causal = np.triu(np.ones((t, t), bool), 1)
+        group = cfg.num_heads // cfg.num_kv_heads
+        for i in range(cfg.num_layers):
+            h = self._rmsnorm(x, f"layers.{i}.input_layernorm")
+            q, k, v = (self._linear(h, i, m) for m in ATTN_PROJECTIONS[:3])
+            q = self._rope(q, cfg.num_heads)
+            k = kv_roundtrip(self._rope(k, cfg.num_kv_heads), self.kv_format)
+            v = kv_roundtrip(v, self.kv_format)
+            qh = q.reshape(t, cfg.num_heads, hd).transpose(1, 0, 2)
+            kh = np.repeat(k.reshape(t, cfg.num_kv_heads, hd).transpose(1, 0, 2), group, axis=0)
+            vh = np.repeat(v.reshape(t, cfg.num_kv_heads, hd).transpose(1, 0, 2), group, axis=0)
+            s = qh @ kh.transpose(0, 2, 1) / np.sqrt(hd)
+            s = np.where(causal, -np.inf, s)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            att = (p @ vh).transpose(1, 0, 2).reshape(t, -1)
+            x = x + self._linear(att, i, "o_proj")
+            h = self._rmsnorm(x, f"layers.{i}.post_attention_layernorm")
+            g, u = (self._linear(h, i, m) for m in MLP_PROJECTIONS[:2])
+            x = x + self._linear(g / (1 + np.exp(-g)) * u, i, "down_proj")
+        h = self._rmsnorm(x, "norm")
+        head = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        return h @ self.weight(head).T
+
+
+def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    """max |actual − reference| / max |reference| over all positions and classes."""
+    return float(np.max(np.abs(actual - reference)) / max(np.max(np.abs(reference)), 1e-30))

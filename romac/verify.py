@@ -1,0 +1,111 @@
+"""``romac verify``: the emulator against the golden model, and the quantized model against FP32 onnxruntime.
+
+(a) The emulator (artifacts only) generates greedily; the golden float64 model (source checkpoint + codec
+definitions) computes the logits of the same sequence. They must agree to float32 rounding — relative logit
+error ≤ tolerance at every position — and pick the same greedy token at every generated step.
+(b) onnxruntime runs an FP32 ONNX graph of the source model with the adapter merged; its distance from the
+emulator (teacher-forced top-1 agreement, KL divergence) is the cost of quantization, reported, not judged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from romac.emulator import Machine
+from romac.errors import RomacError
+from romac.frontend import attach_adapters, load_model
+from romac.ir import Model
+from romac.reference import GoldenModel, relative_error
+
+_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+@dataclass
+class AdapterCheck:
+    adapter: str | None
+    relative_error: float
+    tokens: list[int]
+    golden_tokens: list[int]
+    tolerance: float
+    onnx: dict = field(default_factory=dict)
+
+    @property
+    def tokens_match(self) -> bool:
+        return self.tokens == self.golden_tokens
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_error <= self.tolerance and self.tokens_match
+
+
+def default_prompt(vocab_size: int, bos: int | None) -> list[int]:
+    """A fixed, spread-out prompt that exists in every vocabulary."""
+    start = [bos] if bos is not None and 0 <= bos < vocab_size else []
+    return start + [(7 + 131 * k) % vocab_size for k in range(7)]
+
+
+def source_model(manifest: dict, model_spec: str | None, adapter_specs: Sequence[str]) -> Model:
+    """Load the checkpoint the artifacts were compiled from, and check it is that model."""
+    source = manifest.get("source", {})
+    if model_spec is None and source.get("kind") != "builtin":
+        raise RomacError(
+            f"these artifacts were compiled from {source.get('path', 'a checkpoint')!r}; romac needs it to verify",
+            where="--model",
+            hint="pass --model PATH (and --adapter NAME=PATH for each adapter)",
+        )
+    builtin_adapters = not adapter_specs
+    model = load_model(model_spec, with_builtin_adapter=builtin_adapters)
+    if adapter_specs:
+        model = attach_adapters(model, adapter_specs)
+    cfg = manifest["model"]
+    for key in _CONFIG_KEYS:
+        if getattr(model.config, key) != cfg[key]:
+            raise RomacError(
+                f"{key} is {getattr(model.config, key)} in the model but {cfg[key]} in the artifacts",
+                where=model_spec or "builtin",
+                hint="verify against the checkpoint the artifacts were compiled from",
+            )
+    return model
+
+
+def verify(
+    artifacts: str,
+    model_spec: str | None = None,
+    adapter_specs: Sequence[str] = (),
+    steps: int = 16,
+    prompt: Sequence[int] | None = None,
+    tolerance: float = 1e-5,
+    with_onnx: bool = True,
+) -> list[AdapterCheck]:
+    machine = Machine(artifacts)
+    manifest = machine.manifest
+    model = source_model(manifest, model_spec, adapter_specs)
+    given = {a.name for a in model.adapters}
+    names: list[str | None] = [None] + [n for n in manifest["adapters"] if n in given]
+    formats = {r["name"]: r["codec"] for r in manifest["regions"] if "constants_of" not in r}
+    sram = manifest["sram"]
+    prompt = list(prompt) if prompt else default_prompt(model.config.vocab_size, model.config.bos_token_id)
+    checks = []
+    for name in names:
+        machine.reset(adapter=name)
+        new, logits = machine.generate(prompt, steps)
+        seq = prompt + new
+        golden = GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"], adapter=name)
+        ref = golden.logits(seq)
+        p = len(prompt)
+        check = AdapterCheck(
+            adapter=name,
+            relative_error=relative_error(logits, ref),
+            tokens=new,
+            golden_tokens=[int(t) for t in np.argmax(ref[p - 1 : p - 1 + len(new)], axis=-1)],
+            tolerance=tolerance,
+        )
+        if with_onnx:
+            from romac.onnx_reference import compare_with_onnx
+
+            check.onnx = compare_with_onnx(model, name, seq, logits)
+        checks.append(check)
+    return checks
