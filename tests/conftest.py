@@ -1,0 +1,49 @@
+"""Shared fixtures: small models built in memory, compiled into temporary artifact directories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from romac.driver import compile_model
+from romac.frontend.builtin import random_adapter, random_weights
+from romac.ir import ModelConfig, make_model
+
+
+def small_config(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=200, hidden_size=128, intermediate_size=224, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def small_model(config: ModelConfig, seed: int = 0, adapters: int = 1, modules=None):
+    from romac.ir import PROJECTIONS
+
+    ads = tuple(
+        random_adapter(config, f"ad{k}", seed=100 + k, rank=4 + 4 * k, modules=modules or PROJECTIONS)
+        for k in range(adapters)
+    )
+    return make_model(config, random_weights(config, seed), ads, source={"kind": "test", "path": "memory"})
+
+
+@pytest.fixture
+def compile_small(tmp_path):
+    """compile_small(model, target=None, options=...) -> artifact dir (a fresh one per call)."""
+    counter = iter(range(1000))
+
+    def run(model, target=None, options=None, name=None):
+        from romac.passes import CompileOptions
+
+        out = tmp_path / (name or f"out{next(counter)}")
+        compile_model(model, out, target, options or CompileOptions())
+        return out
+
+    return run
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
