@@ -10,7 +10,7 @@ the same program. Each op kind has one lowering rule; an op kind without one is 
 
 from __future__ import annotations
 
-from romac.backend.isa import Buf, Instr, Opcode, f32_bits
+from romac.backend.isa import OPCODES, Buf, Instr, Opcode, f32_bits
 from romac.errors import RomacError
 from romac.ir import Model, OpKind
 from romac.targets import Target
@@ -30,6 +30,8 @@ def schedule(model: Model, target: Target, options) -> Model:
     program: list[Instr] = []
 
     def emit(op: Opcode, comment: str, **fields) -> None:
+        if not OPCODES[op].layer:  # the layer number is only encoded where the opcode uses it
+            fields.pop("layer", None)
         program.append(Instr(op, comment=comment, **fields))
 
     for node, d in model.ops():

@@ -1,0 +1,85 @@
+"""The emulator, running only the artifacts, against the float64 golden model on random small models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from romac.emulator import Machine
+from romac.passes import CompileOptions
+from romac.reference import GoldenModel, relative_error
+from romac.targets import load_target
+from tests.conftest import small_config, small_model
+
+TOL = 1e-5
+STEPS = 16
+
+
+def check(artifacts, model, adapter, prompt=(1, 17, 33, 60, 91)):
+    m = Machine(artifacts, adapter=adapter)
+    new, logits = m.generate(list(prompt), STEPS)
+    assert len(new) == STEPS
+    assert logits.shape == (len(prompt) + STEPS, model.config.vocab_size)
+    formats = {r["name"]: r["codec"] for r in m.manifest["regions"] if "constants_of" not in r}
+    sram = m.manifest["sram"]
+    golden = GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"], adapter=adapter)
+    ref = golden.logits(list(prompt) + new)
+    assert relative_error(logits, ref) <= TOL
+    p = len(prompt)
+    assert new == [int(t) for t in ref[p - 1 : p - 1 + STEPS].argmax(-1)]
+    return new, logits
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2", "int8", "nf4", "fp4", "fp16"])
+def test_each_weight_format(compile_small, fmt):
+    model = small_model(small_config(), adapters=1)
+    out = compile_small(model, options=CompileOptions(quant=fmt, quant_embedding=fmt))
+    check(out, model, None)
+    check(out, model, "ad0")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_attention_variants_and_tied_embeddings(compile_small, tied, heads, kv_heads):
+    model = small_model(small_config(tie_word_embeddings=tied, num_heads=heads, num_kv_heads=kv_heads), adapters=1)
+    out = compile_small(model)
+    check(out, model, "ad0")
+
+
+def test_several_adapters_share_one_rom(compile_small):
+    model = small_model(small_config(), adapters=3, modules=("q_proj", "v_proj", "down_proj"))
+    out = compile_small(model)
+    results = {name: check(out, model, name)[0] for name in (None, "ad0", "ad1", "ad2")}
+    assert len({tuple(v) for v in results.values()}) > 1, "adapters should change the output"
+    assert sorted(p.name for p in (out / "sram").iterdir()) == ["ad0.bin", "ad1.bin", "ad2.bin"]
+
+
+@pytest.mark.parametrize("lora,kv", [("fp16", "fp16"), ("fp8_e4m3", "fp32")])
+def test_sram_precisions(compile_small, lora, kv):
+    target = dataclasses.replace(load_target("tiny"), lora=lora, kv_cache=kv)
+    model = small_model(small_config(), adapters=1)
+    out = compile_small(model, target=target)
+    check(out, model, "ad0")
+
+
+def test_prefill_equals_token_by_token(compile_small):
+    model = small_model(small_config(), adapters=1)
+    out = compile_small(model)
+    prompt = [3, 9, 27, 81, 43, 129]
+    whole = Machine(out, adapter="ad0").step(prompt)
+    m = Machine(out, adapter="ad0")
+    one_by_one = np.concatenate([m.step([t]) for t in prompt])
+    np.testing.assert_allclose(one_by_one, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+
+
+def test_context_overflow_is_a_clear_error(compile_small):
+    from romac.errors import RomacError
+
+    model = small_model(small_config(), adapters=0)
+    out = compile_small(model, options=CompileOptions(max_context=8))
+    m = Machine(out)
+    m.step(list(range(1, 8)))
+    with pytest.raises(RomacError, match="exceed"):
+        m.step([1, 2])
