@@ -47,3 +47,32 @@ def compile_small(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """A small LLaMA written by transformers and a LoRA adapter written by peft: (model_dir, adapter_dir)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # trained-like scales: default init gives near-uniform logits
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 1.0 / p.shape[1] ** 0.5 if "embed" not in name else 1.0)
+    model.save_pretrained(root / "base")
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"])
+    pm = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"

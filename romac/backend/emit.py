@@ -9,6 +9,7 @@ renamed into place only when complete: it appears whole or not at all.
 from __future__ import annotations
 
 import math
+import sys
 import os
 import shutil
 import struct
@@ -51,7 +52,7 @@ CHUNK_BYTES = 64 << 20  # float32 input per quantization step: bounds peak memor
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="param", unit_scale=True, desc="compiling", disable=not enabled, leave=False)
+    return tqdm(total=total, unit="param", unit_scale=True, desc="compiling", disable=not enabled or not sys.stderr.isatty(), leave=False)
 
 
 def _check_finite(w: np.ndarray, name: str, source: str, row0: int) -> None:
