@@ -21,14 +21,13 @@ import numpy as np
 from romac.codecs import get_codec
 from romac.errors import CapacityError
 from romac.ir import Model
-from romac.layout import tile_bytes
+from romac.layout import tile_sizes
 from romac.targets import Target
 
 
 def tile_words(info: dict, word_bytes: int) -> np.ndarray:
     """Words of every tile of a tensor, in storage order."""
-    codec = get_codec(**info["codec"])
-    return np.array([tile_bytes(codec, r, c, word_bytes) // word_bytes for _, _, r, c in info["grid"].tiles()], np.int64)
+    return tile_sizes(get_codec(**info["codec"]), info["grid"], word_bytes) // word_bytes
 
 
 def _mib(words: int, target: Target) -> str:

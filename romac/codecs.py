@@ -80,9 +80,10 @@ def pack_codes(codes: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
         return c.astype(np.uint8)
     per = 8 // bits
     n = c.shape[-1]
-    padded = np.full((*c.shape[:-1], -(-n // per) * per), pad, np.uint8)
+    nbytes = -(-n // per)
+    padded = np.full((*c.shape[:-1], nbytes * per), pad, np.uint8)
     padded[..., :n] = c
-    g = padded.reshape(*c.shape[:-1], -1, per)
+    g = padded.reshape(*c.shape[:-1], nbytes, per)
     out = g[..., 0] << (8 - bits)
     for k in range(1, per):
         out |= g[..., k] << (8 - bits * (k + 1))
@@ -103,7 +104,7 @@ def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
             np.uint16 if bits == 16 else np.uint32)
     shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
     parts = (p[..., :need, None] >> shifts) & np.uint8((1 << bits) - 1)
-    return parts.reshape(*p.shape[:-1], -1)[..., :n]
+    return parts.reshape(*p.shape[:-1], need * (8 // bits))[..., :n]
 
 
 # ------------------------------------------------ torch's float32 sum, emulated
@@ -274,16 +275,17 @@ class Bnb4bitCodec(Codec):
         nfull, nb = n // bs, -(-n // bs)
         absmax, codes = np.empty(nb, f32), np.empty(n, np.uint8)
         per = max(1, _CHUNK // bs)
-        for b0 in range(0, nfull, per):
-            blk = x[b0 * bs:min(nfull, b0 + per) * bs].reshape(-1, bs)
-            am = np.abs(blk).max(1)
-            absmax[b0:b0 + len(am)] = am
-            scaled = blk * (f32(1) / np.maximum(am, f32(1e-38)))[:, None]
-            codes[b0 * bs:b0 * bs + blk.size] = self._codes(scaled).reshape(-1)
-        if nfull < nb:
-            tail = x[nfull * bs:]
-            absmax[-1] = am = max(np.abs(tail).max(), f32(1e-38))
-            codes[nfull * bs:] = self._codes(tail / am)
+        with np.errstate(invalid="ignore"):   # non-finite input is reported below
+            for b0 in range(0, nfull, per):
+                blk = x[b0 * bs:min(nfull, b0 + per) * bs].reshape(-1, bs)
+                am = np.abs(blk).max(1)
+                absmax[b0:b0 + len(am)] = am
+                scaled = blk * (f32(1) / np.maximum(am, f32(1e-38)))[:, None]
+                codes[b0 * bs:b0 * bs + blk.size] = self._codes(scaled).reshape(-1)
+            if nfull < nb:
+                tail = x[nfull * bs:]
+                absmax[-1] = am = max(np.abs(tail).max(), f32(1e-38))
+                codes[nfull * bs:] = self._codes(tail / am)
         if not np.isfinite(absmax).all():
             raise RomacError("tensor holds inf or NaN", hint="NF4/FP4 need finite weights")
         if not self.double_quant:
@@ -304,16 +306,18 @@ class Bnb4bitCodec(Codec):
 
     def dequantize(self, q: QuantTensor) -> np.ndarray:
         am, codes, bs = self.absmax_float32(q), q.codes.reshape(-1), self.group
+        vals = self.values
+        if self.name == "fp4" and (q.shape[-1] if q.shape else 1) % 2 == 0:
+            vals = vals.copy()
+            vals[8] = -0.0   # bnb's native kernel (even last dim) decodes code 8 as -0.0, its Python path as +0.0
         out = np.empty(codes.size, f32)
         nfull = codes.size // bs
         per = max(1, _CHUNK // bs)
         for b0 in range(0, nfull, per):
             b1 = min(nfull, b0 + per)
-            out[b0 * bs:b1 * bs] = (self.values[codes[b0 * bs:b1 * bs].reshape(-1, bs)]
+            out[b0 * bs:b1 * bs] = (vals[codes[b0 * bs:b1 * bs].reshape(-1, bs)]
                                     * am[b0:b1, None]).reshape(-1)
-        out[nfull * bs:] = self.values[codes[nfull * bs:]] * am[-1]
-        if self.name == "fp4" and (q.shape[-1] if q.shape else 1) % 2 == 0:
-            out[codes == 8] = -0.0   # bnb's native kernel (even last dim) decodes code 8 as -0.0
+        out[nfull * bs:] = vals[codes[nfull * bs:]] * am[-1]
         return out.reshape(q.shape)
 
     def pack(self, q: QuantTensor) -> np.ndarray:
@@ -361,7 +365,8 @@ class AffineCodec(Codec):
                 if g is None or g.shape[1] == 0:
                     continue
                 lo, hi = np.minimum(g.min(2), f32(0)), np.maximum(g.max(2), f32(0))
-                s16 = ((hi - lo) / self.qmax).astype(np.float16)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    s16 = ((hi - lo) / self.qmax).astype(np.float16)
                 s16[hi == lo] = 1.0
                 s16[(s16 == 0) & (hi > lo)] = np.float16(2.0 ** -24)
                 if not np.isfinite(s16).all():
@@ -400,7 +405,8 @@ class RawCodec(Codec):
         self._float, self._uint = (np.float16, np.uint16) if name == "fp16" else (f32, np.uint32)
 
     def quantize(self, w: np.ndarray) -> QuantTensor:
-        codes = np.asarray(w).astype(self._float).view(self._uint)
+        with np.errstate(over="ignore"):       # too large for fp16 -> inf, as IEEE says
+            codes = np.asarray(w).astype(self._float).view(self._uint)
         return QuantTensor(self.name, tuple(codes.shape), codes, {})
 
     def dequantize(self, q: QuantTensor) -> np.ndarray:
@@ -451,7 +457,8 @@ def fp8_e4m3_decode(codes: np.ndarray, scale) -> np.ndarray:
 
 def fp16_encode(x: np.ndarray) -> np.ndarray:
     """IEEE half bit patterns (uint16), rounded once to nearest even from the input's own precision."""
-    return np.asarray(x).astype(np.float16).view(np.uint16)
+    with np.errstate(over="ignore"):
+        return np.asarray(x).astype(np.float16).view(np.uint16)
 
 
 def fp16_decode(codes: np.ndarray) -> np.ndarray:

@@ -62,14 +62,22 @@ class TileGrid:
 
     def tiles(self) -> list[tuple[int, int, int, int]]:
         """(row0, col0, rows, cols) of every tile, in storage order (full tiles first)."""
+        return self.full_tiles() + self.edge_tiles()
+
+    def full_tiles(self) -> list[tuple[int, int, int, int]]:
+        tr, tc = self.tile_rows, self.tile_cols
+        return [(i * tr, j * tc, tr, tc) for i in range(self.full_rows) for j in range(self.full_cols)]
+
+    def edge_tiles(self) -> list[tuple[int, int, int, int]]:
+        """The smaller tiles on the right and bottom edges, row-major."""
         tr, tc = self.tile_rows, self.tile_cols
         nr, nc = math.ceil(self.rows / tr), math.ceil(self.cols / tc)
-        full, edge = [], []
+        out = []
         for i in range(nr):
-            for j in range(nc):
-                r, c = min(tr, self.rows - i * tr), min(tc, self.cols - j * tc)
-                (full if (r, c) == (tr, tc) else edge).append((i * tr, j * tc, r, c))
-        return full + edge
+            r = min(tr, self.rows - i * tr)
+            for j in range(0 if r < tr else self.full_cols, nc):
+                out.append((i * tr, j * tc, r, min(tc, self.cols - j * tc)))
+        return out
 
     @property
     def n_tiles(self) -> int:
@@ -88,6 +96,17 @@ def tile_bytes(codec: Codec, rows: int, cols: int, word_bytes: int) -> int:
     for _, storage in codec.param_fields:
         n += rows * row_bytes(ng, _STORAGE_BITS[storage])
     return ceil_to(n, word_bytes)
+
+
+def tile_sizes(codec: Codec, grid: TileGrid, word_bytes: int) -> np.ndarray:
+    """Bytes of every tile of a grid, in storage order (full tiles share one size: computed once)."""
+    edges = grid.edge_tiles()
+    sizes = np.empty(grid.n_tiles, np.int64)
+    if grid.n_full:
+        sizes[: grid.n_full] = tile_bytes(codec, grid.tile_rows, grid.tile_cols, word_bytes)
+    for k, (_, _, r, c) in enumerate(edges):
+        sizes[grid.n_full + k] = tile_bytes(codec, r, c, word_bytes)
+    return sizes
 
 
 def row_group_params(codec: Codec, q: QuantTensor) -> dict[str, np.ndarray]:
@@ -128,7 +147,7 @@ def pack_tiles(codec: Codec, q: QuantTensor, grid: TileGrid, word_bytes: int) ->
         if block.shape[1] < size:
             block = np.pad(block, ((0, 0), (0, size - block.shape[1])))
         out.extend(block)
-    for r0, c0, r, c in grid.tiles()[grid.n_full :]:
+    for r0, c0, r, c in grid.edge_tiles():
         parts = [pack_codes(codes[r0 : r0 + r, c0 : c0 + c], codec.bits).reshape(-1)]
         if codec.group:
             g0, ng = c0 // codec.group, param_groups(codec, c)
@@ -166,7 +185,7 @@ def unpack_tiles(
             p = _unpack_part(block[:, pos : pos + nb].reshape(fr, fc, tr, -1), storage, gpt)
             params[key][: fr * tr, : fc * gpt] = p.transpose(0, 2, 1, 3).reshape(fr * tr, fc * gpt)
             pos += nb
-    for data, (r0, c0, r, c) in zip(tiles[grid.n_full :], grid.tiles()[grid.n_full :]):
+    for data, (r0, c0, r, c) in zip(tiles[grid.n_full :], grid.edge_tiles()):
         cb = r * row_bytes(c, codec.bits)
         codes[r0 : r0 + r, c0 : c0 + c] = unpack_codes(data[:cb].reshape(r, -1), codec.bits, c)
         pos = cb

@@ -14,6 +14,8 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,8 @@ from romac.layout import (
 )
 from romac.passes.partition import tile_words
 
-CHUNK_BYTES = 64 << 20  # float32 input per quantization step: bounds peak memory on big matrices
+CHUNK_BYTES = 16 << 20  # float32 input per quantization job: bounds peak memory on big matrices
+WORKERS = min(4, os.cpu_count() or 1)  # quantization jobs in flight (numpy releases the GIL)
 
 
 def _progress(total: int, enabled: bool):
@@ -85,7 +88,31 @@ class _BankWriter:
             os.close(fd)
 
 
-def _write_region(model: Model, region: dict, banks: _BankWriter, constants_region: dict | None, bar) -> None:
+def _write_tiles(banks: _BankWriter, tiles: list[np.ndarray], bank: np.ndarray, offset: np.ndarray) -> None:
+    """Write tiles at their places, merging the ones that follow each other in a bank into one write."""
+    order = np.lexsort((offset, bank))
+    run: list[np.ndarray] = []
+    run_bank = run_start = run_end = -1
+    for k in order.tolist():
+        b, o, data = int(bank[k]), int(offset[k]), tiles[k]
+        if b != run_bank or o != run_end:
+            if run:
+                banks.write(run_bank, run_start, np.concatenate(run))
+            run, run_bank, run_start = [], b, o
+        run.append(data)
+        run_end = o + data.size
+    if run:
+        banks.write(run_bank, run_start, np.concatenate(run))
+
+
+Writes = list  # [(tiles, bank per tile, byte offset per tile)], what one job hands to the writer
+
+
+def _region_jobs(model: Model, region: dict, constants_region: dict | None):
+    """Independent jobs for one region: each reads, checks, quantizes and packs a piece, returning its writes.
+
+    Jobs only compute (numpy releases the GIL, so two run at once on two cores); the caller does the I/O.
+    """
     target = model.annotations["target"]
     info = model.tensors[region["name"]]
     codec = get_codec(**region["codec"])
@@ -95,43 +122,49 @@ def _write_region(model: Model, region: dict, banks: _BankWriter, constants_regi
     handle = model.weights[region["name"]]
     source = getattr(handle, "source", "")
 
-    def put(q, grid_part: TileGrid, row0: int) -> None:
-        for data, (r0, c0, _, _) in zip(pack_tiles(codec, q, grid_part, target.word_bytes), grid_part.tiles()):
-            t = tile_index(grid, row0 + r0, c0)
-            banks.write(int(bank[t]), int(offset[t]), data)
+    def placed(q, grid_part: TileGrid, row0: int) -> tuple:
+        tiles = pack_tiles(codec, q, grid_part, target.word_bytes)
+        # global storage index of each tile of this row chunk (its full tiles are a contiguous run)
+        first = (row0 // grid.tile_rows) * grid.full_cols
+        index = list(range(first, first + grid_part.n_full))
+        index += [tile_index(grid, row0 + r0, c0) for r0, c0, _, _ in grid_part.edge_tiles()]
+        return tiles, bank[index], offset[index]
 
-    if hasattr(handle, "load_quantized"):  # a pre-quantized (bitsandbytes) weight: codes pass through untouched
-        q = handle.load_quantized()
-        put(q, grid, 0)
-        bar.update(grid.rows * grid.cols)
-    elif region["kind"] == "vector":
-        w = np.asarray(handle.load(), np.float32).reshape(1, -1)
-        _check_finite(w, region["name"], source, 0)
-        put(codec.quantize(w), grid, 0)
-        bar.update(w.size)
-        return
-    elif constants_region is not None:  # per-tensor statistics: the whole matrix is quantized at once
-        w = np.asarray(handle.load(), np.float32)
-        _check_finite(w, region["name"], source, 0)
-        q = codec.quantize(w)
-        put(q, grid, 0)
-        bar.update(w.size)
-    else:
-        rows_per_chunk = max(1, CHUNK_BYTES // (4 * grid.cols) // grid.tile_rows) * grid.tile_rows
-        for r0 in range(0, grid.rows, rows_per_chunk):
-            r1 = min(grid.rows, r0 + rows_per_chunk)
+    def constants(q) -> tuple:
+        values = pack_constants(q).reshape(1, -1)
+        fp32 = get_codec(**constants_region["codec"])
+        tiles = pack_tiles(fp32, fp32.quantize(values), TileGrid.for_vector(values.shape[1]), target.word_bytes)
+        b, off, _ = constants_region["extents"][0]
+        return tiles, np.array([b]), np.array([off * target.word_bytes])
+
+    def whole() -> tuple[Writes, int]:
+        if hasattr(handle, "load_quantized"):  # a pre-quantized (bitsandbytes) weight: codes pass through untouched
+            q = handle.load_quantized()
+        else:
+            w = np.asarray(handle.load(), np.float32).reshape(grid.rows, grid.cols)
+            _check_finite(w, region["name"], source, 0)
+            q = codec.quantize(w)
+        writes = [placed(q, grid, 0)]
+        if constants_region is not None:
+            writes.append(constants(q))
+        return writes, grid.rows * grid.cols
+
+    def chunk(r0: int, r1: int):
+        def job() -> tuple[Writes, int]:
             w = np.asarray(handle.load_rows(r0, r1), np.float32)
             _check_finite(w, region["name"], source, r0)
-            put(codec.quantize(w), TileGrid(r1 - r0, grid.cols, grid.tile_rows, grid.tile_cols), r0)
-            bar.update(w.size)
+            part = TileGrid(r1 - r0, grid.cols, grid.tile_rows, grid.tile_cols)
+            return [placed(codec.quantize(w), part, r0)], w.size
+
+        return job
+
+    # rows are independent unless the format has per-tensor statistics (bitsandbytes' double quantization)
+    if region["kind"] == "vector" or constants_region is not None or hasattr(handle, "load_quantized"):
+        yield whole
         return
-    if constants_region is not None:
-        values = pack_constants(q).reshape(1, -1)
-        cgrid = TileGrid.for_vector(values.shape[1])
-        fp32 = get_codec(**constants_region["codec"])
-        (data,) = pack_tiles(fp32, fp32.quantize(values), cgrid, target.word_bytes)
-        b, off, _ = constants_region["extents"][0]
-        banks.write(b, off * target.word_bytes, data)
+    rows_per_chunk = max(1, CHUNK_BYTES // (4 * grid.cols) // grid.tile_rows) * grid.tile_rows
+    for r0 in range(0, grid.rows, rows_per_chunk):
+        yield chunk(r0, min(grid.rows, r0 + rows_per_chunk))
 
 
 def _lora_block(x: np.ndarray, fmt: str) -> tuple[bytes, float]:
@@ -222,12 +255,29 @@ def _write_all(model: Model, root: Path, progress: bool) -> None:
     regions = a["regions"]
     constants = {r["constants_of"]: r for r in regions if "constants_of" in r}
     total = sum(math.prod(r["shape"]) for r in regions if "constants_of" not in r)
+    jobs = (
+        job
+        for region in regions
+        if "constants_of" not in region
+        for job in _region_jobs(model, region, constants.get(region["name"]))
+    )
     banks = _BankWriter(root, target)
     try:
-        with _progress(total, progress) as bar:
-            for region in regions:
-                if "constants_of" not in region:
-                    _write_region(model, region, banks, constants.get(region["name"]), bar)
+        with _progress(total, progress) as bar, ThreadPoolExecutor(WORKERS) as pool:
+            pending: deque = deque()
+
+            def drain_one() -> None:
+                writes, n = pending.popleft().result()
+                for tiles, bank, offset in writes:
+                    _write_tiles(banks, tiles, bank, offset)
+                bar.update(n)
+
+            for job in jobs:
+                pending.append(pool.submit(job))
+                if len(pending) > WORKERS:  # bounded: at most WORKERS + 1 chunks in memory
+                    drain_one()
+            while pending:
+                drain_one()
     finally:
         banks.close()
     for layout in a["sram"]["adapters"]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from romac.artifacts import bank_file
 from romac.codecs import get_codec
-from romac.layout import TileGrid, tile_bytes, tile_locations, unpack_constants, unpack_tiles
+from romac.layout import TileGrid, tile_locations, tile_sizes, unpack_constants, unpack_tiles
 
 
 class Rom:
@@ -39,7 +39,7 @@ class Rom:
         """The bytes of every tile of a region, in storage order, read from the bank images."""
         codec = get_codec(**region["codec"])
         grid = self._grid(region)
-        sizes = np.array([tile_bytes(codec, r, c, self.word_bytes) for _, _, r, c in grid.tiles()], np.int64)
+        sizes = tile_sizes(codec, grid, self.word_bytes)
         bank, offset = tile_locations(
             sizes // self.word_bytes, region["start_bank"], region["extents"], self.n_banks, self.word_bytes
         )

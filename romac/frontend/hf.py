@@ -327,7 +327,9 @@ def load_hf_checkpoint(path: str | Path) -> Model:
             raise RomacError(
                 f"tensor {key!r} has shape {info.shape}, config.json implies {want}", where=str(f.path)
             )
-        weights[name] = LazyWeight(name, info.shape, f.loader(key), source=f"{f.path.name}:{key}")
+        weights[name] = LazyWeight(
+            name, info.shape, f.loader(key), source=f"{f.path.name}:{key}", row_loader=f.row_loader(key)
+        )
     if config.tie_word_embeddings and "lm_head" in found:
         ignored.append(found["lm_head"][0])
 

@@ -241,19 +241,42 @@ class SafetensorsFile:
         buf = self._map()[t.start : t.end]
         return np.asarray(buf).view(dt).reshape(t.shape)
 
-    def load(self, name: str) -> np.ndarray:
-        """A floating-point tensor as float32 (a zero-copy read-only view for F32)."""
+    def _read_rows(self, t: "TensorInfo", rows: slice) -> np.ndarray:
+        """Rows of a tensor read with one pread (not mapped: streamed reads must not pile up in RSS)."""
+        dt = np.dtype(DTYPES[t.dtype])
+        start, stop, _ = rows.indices(t.shape[0] if t.shape else 1)
+        row_bytes = (t.nbytes // t.shape[0]) if t.shape and t.shape[0] else 0
+        count = max(0, stop - start) * row_bytes
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), count, t.start + start * row_bytes)
+        if len(data) != count:
+            raise RomacError(f"tensor {t.name!r} is truncated", where=self._where)
+        return np.frombuffer(data, dtype=dt).reshape((max(0, stop - start),) + tuple(t.shape[1:]))
+
+    def load(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """A floating-point tensor (or a slice of its rows) as float32 (a zero-copy read-only view for F32).
+
+        Reading a row slice converts only those rows, so a huge fp16 embedding streams in bounded memory.
+        """
         t = self.info(name)
         if t.dtype not in FLOAT_DTYPES:
             raise RomacError(
                 f"tensor {name!r} has integer dtype {t.dtype}; read it with raw()", where=self._where
             )
-        a = self.raw(name)
+        if rows is not None:
+            a = self._read_rows(t, rows)
+        else:
+            a = self.raw(name)
         if t.dtype == "F32":
             return a
         if t.dtype == "BF16":
             return bf16_to_float32(a)
         return a.astype(np.float32)
+
+    def row_loader(self, name: str) -> "RowLoader":
+        """A picklable callable ``(start, stop)`` that loads rows of ``name`` as float32."""
+        self.info(name)
+        return RowLoader(self, name)
 
     def loader(self, name: str) -> "TensorLoader":
         """A picklable zero-argument callable that loads ``name`` as float32 (for ``LazyWeight``)."""
@@ -352,3 +375,14 @@ def write_safetensors(
         fh.write(blob)
         for a in arrays:
             fh.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
+
+
+@dataclass(frozen=True)
+class RowLoader:
+    """``file.load(name, rows=slice(start, stop))`` as a picklable callable."""
+
+    file: SafetensorsFile
+    name: str
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        return self.file.load(self.name, rows=slice(start, stop))
