@@ -53,6 +53,7 @@ def _dynamic_map() -> np.ndarray:
 
 
 BNB_DYNAMIC_SIGNED = _dynamic_map()
+BNB_NESTED_BLOCKSIZE = 256  # blocks of absmax values per nested (double-quantization) block
 # bnb 0.50's CPU 8-bit quantizer (cpu_ops.cpp build_quantize_lut): the normalised value v is binned into
 # 65536 steps, idx = trunc(((v + 1) * 0.5) * 65535 + 0.5), and each bin maps to the code whose midpoints
 # bracket the bin's centre -- so codes are not the exact nearest ones (e.g. 0.0 -> code 131).
@@ -78,8 +79,7 @@ def pack_codes(codes: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
         raise ValueError(f"pack_codes: a code does not fit in {bits} bits")
     if bits == 8:
         return c.astype(np.uint8)
-    per = 8 // bits
-    n = c.shape[-1]
+    per, n = 8 // bits, c.shape[-1]
     nbytes = -(-n // per)
     padded = np.full((*c.shape[:-1], nbytes * per), pad, np.uint8)
     padded[..., :n] = c
@@ -100,8 +100,7 @@ def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
         raise ValueError(f"unpack_codes: {p.shape[-1]} bytes cannot hold {n} codes of {bits} bits")
     if bits >= 8:
         raw = np.ascontiguousarray(p[..., :need])
-        return raw if bits == 8 else raw.view("<u2" if bits == 16 else "<u4").astype(
-            np.uint16 if bits == 16 else np.uint32)
+        return raw if bits == 8 else raw.view(f"<u{bits // 8}").astype(f"u{bits // 8}")
     shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
     parts = (p[..., :need, None] >> shifts) & np.uint8((1 << bits) - 1)
     return parts.reshape(*p.shape[:-1], need * (8 // bits))[..., :n]
@@ -163,13 +162,11 @@ def _torch_mean(x: np.ndarray, threads: int = 1) -> np.float32:
     n = x.size
     if n < _TORCH_GRAIN or threads <= 1:
         total = _inner_sum(x)
-    else:
+    else:   # two-pass reduction: at::parallel_for chunks, one partial per thread slot, then their sum
         used = min(threads, -(-n // _TORCH_GRAIN))
-        chunk = -(-n // used)
-        parts = np.zeros(threads, f32)
+        chunk, parts = -(-n // used), np.zeros(threads, f32)
         for t in range(used):
-            if t * chunk < n:
-                parts[t] = _inner_sum(x[t * chunk:(t + 1) * chunk])
+            parts[t] = _inner_sum(x[t * chunk:(t + 1) * chunk]) if t * chunk < n else 0
         total = _inner_sum(parts)
     return f32(f32(total) / f32(n))
 
@@ -181,7 +178,9 @@ def _quantize_blockwise_dynamic(x: np.ndarray, bs: int = 256) -> tuple[np.ndarra
     blocks[:n] = x
     blocks = blocks.reshape(-1, bs)
     am = np.abs(blocks).max(1)
-    v = np.clip(blocks * (f32(1) / np.where(am == 0, f32(1), am))[:, None], f32(-1), f32(1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = blocks * (f32(1) / np.where(am == 0, f32(1), am))[:, None]
+    v = np.where(np.isnan(v), f32(-1), np.clip(v, f32(-1), f32(1)))   # 0 * inf: x86 maxps(NaN, -1) = -1
     idx = (((v + f32(1)) * f32(0.5)) * f32(65535) + f32(0.5)).astype(np.int32)   # C truncation
     q = np.where((am == 0)[:, None], np.uint8(0), _DYN_LUT[idx])
     return q.reshape(-1)[:n], am
@@ -244,11 +243,14 @@ class Bnb4bitCodec(Codec):
     among the 15 midpoints of the sorted table (torch.bucketize, right=False), through the FP4 reorder.
     Double quantization: ``offset = mean(absmax)`` (torch's float32 sum, see :func:`_torch_mean`), and
     ``absmax - offset`` is quantized in blocks of 256 with :data:`BNB_DYNAMIC_SIGNED`.
+    Machine facts assumed (those of bnb's x86 AVX2 build): torch float32 vectors of 8 lanes, and the native
+    dequant kernel for blocksize >= 2048 (AVX-512 builds fall back to torch there: FP4 zeros become +0.0).
     """
 
     def __init__(self, name: str, blocksize: int = 64, double_quant: bool = True, bnb_threads: int = 1):
         self.name, self.bits, self.group = name, 4, int(blocksize)
         self.double_quant, self.bnb_threads = bool(double_quant), int(bnb_threads)
+        self.nested_blocksize = BNB_NESTED_BLOCKSIZE
         self.param_fields = (("absmax", "u8" if self.double_quant else "f32"),)
         self.values = NF4_VALUES if name == "nf4" else FP4_VALUES
         self.order = np.arange(16, dtype=np.uint8) if name == "nf4" else _FP4_ORDER
@@ -267,23 +269,22 @@ class Bnb4bitCodec(Codec):
         return c
 
     def quantize(self, w: np.ndarray) -> QuantTensor:
-        shape = tuple(np.shape(w))
-        x = np.ascontiguousarray(w, dtype=f32).reshape(-1)      # bnb: A.reshape(-1).float()
+        x = np.asarray(w)
+        shape, x = x.shape, x.reshape(-1)       # bnb: A.reshape(-1).float(); converted chunk by chunk
         bs, n = self.group, x.size
         if n == 0:
             raise ValueError("cannot quantize an empty tensor")
-        nfull, nb = n // bs, -(-n // bs)
+        nfull, nb, per = n // bs, -(-n // bs), max(1, _CHUNK // bs)
         absmax, codes = np.empty(nb, f32), np.empty(n, np.uint8)
-        per = max(1, _CHUNK // bs)
         with np.errstate(invalid="ignore"):   # non-finite input is reported below
             for b0 in range(0, nfull, per):
-                blk = x[b0 * bs:min(nfull, b0 + per) * bs].reshape(-1, bs)
+                blk = x[b0 * bs:min(nfull, b0 + per) * bs].astype(f32, copy=False).reshape(-1, bs)
                 am = np.abs(blk).max(1)
                 absmax[b0:b0 + len(am)] = am
                 scaled = blk * (f32(1) / np.maximum(am, f32(1e-38)))[:, None]
                 codes[b0 * bs:b0 * bs + blk.size] = self._codes(scaled).reshape(-1)
             if nfull < nb:
-                tail = x[nfull * bs:]
+                tail = x[nfull * bs:].astype(f32, copy=False)
                 absmax[-1] = am = max(np.abs(tail).max(), f32(1e-38))
                 codes[nfull * bs:] = self._codes(tail / am)
         if not np.isfinite(absmax).all():
@@ -308,15 +309,12 @@ class Bnb4bitCodec(Codec):
         am, codes, bs = self.absmax_float32(q), q.codes.reshape(-1), self.group
         vals = self.values
         if self.name == "fp4" and (q.shape[-1] if q.shape else 1) % 2 == 0:
-            vals = vals.copy()
-            vals[8] = -0.0   # bnb's native kernel (even last dim) decodes code 8 as -0.0, its Python path as +0.0
+            vals = np.where(np.arange(16) == 8, f32(-0.0), vals)   # bnb's native kernel (even last dim): -0.0
         out = np.empty(codes.size, f32)
-        nfull = codes.size // bs
-        per = max(1, _CHUNK // bs)
+        nfull, per = codes.size // bs, max(1, _CHUNK // bs)
         for b0 in range(0, nfull, per):
             b1 = min(nfull, b0 + per)
-            out[b0 * bs:b1 * bs] = (vals[codes[b0 * bs:b1 * bs].reshape(-1, bs)]
-                                    * am[b0:b1, None]).reshape(-1)
+            out[b0 * bs:b1 * bs] = (vals[codes[b0 * bs:b1 * bs].reshape(-1, bs)] * am[b0:b1, None]).reshape(-1)
         out[nfull * bs:] = vals[codes[nfull * bs:]] * am[-1]
         return out.reshape(q.shape)
 
@@ -353,11 +351,9 @@ class AffineCodec(Codec):
         w = np.asarray(w)
         if w.ndim != 2:
             raise ValueError(f"{self.name} quantizes 2-D [rows, cols] matrices, got shape {w.shape}")
-        rows, cols = w.shape
-        ng = -(-cols // self.group)
+        (rows, cols), ng = w.shape, -(-w.shape[1] // self.group)
         scale, zero = np.empty((rows, ng), np.float16), np.empty((rows, ng), np.uint8)
-        codes = np.empty((rows, cols), np.uint8)
-        per = max(1, _CHUNK // max(cols, 1))
+        codes, per = np.empty((rows, cols), np.uint8), max(1, _CHUNK // max(cols, 1))
         for r0 in range(0, rows, per):
             x = np.ascontiguousarray(w[r0:r0 + per], dtype=f32)
             qs = []
@@ -383,10 +379,8 @@ class AffineCodec(Codec):
 
     def dequantize(self, q: QuantTensor) -> np.ndarray:
         rows, cols = q.shape
-        out = np.empty((rows, cols), f32)
-        nfull = cols // self.group
+        out, nfull, per = np.empty((rows, cols), f32), cols // self.group, max(1, _CHUNK // max(cols, 1))
         s, z = q.params["scale"].astype(f32), q.params["zero"].astype(f32)
-        per = max(1, _CHUNK // max(cols, 1))
         for r0 in range(0, rows, per):
             r = slice(r0, r0 + per)
             full, part = self._groups(q.codes[r])
@@ -446,7 +440,7 @@ def fp8_e4m3_encode(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
     if not np.isfinite(amax):
         raise RomacError("tensor holds inf or NaN", hint="FP8 needs finite values")
     scale = f32(1) if amax == 0 else max(amax / _FP8_MAX, np.nextafter(f32(0), f32(1)))
-    y = np.clip(v / scale, -_FP8_MAX, _FP8_MAX)     # only guards float32 rounding above 448
+    y = np.clip(v / scale, -_FP8_MAX, _FP8_MAX)     # saturate: rounding (a subnormal scale) can pass 448
     return y.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), f32(scale)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from romac.artifacts import PROGRAM_BIN, open_artifacts
 from romac.backend import isa
@@ -21,7 +22,7 @@ from romac.errors import RomacError
 
 
 class Machine:
-    def __init__(self, artifacts: str | Path, adapter: str | None = None) -> None:
+    def __init__(self, artifacts: str | Path, adapter: str | None = None, threads: int = 1) -> None:
         self.manifest = open_artifacts(artifacts)
         root = Path(self.manifest["root"])
         self.config = self.manifest["model"]
@@ -35,6 +36,10 @@ class Machine:
         self.buf: dict[int, np.ndarray] = {}
         self.pos0 = 0
         self.sram.load_adapter(adapter)
+        # BLAS threads per step. One is the default: OpenBLAS' spinning threads make small matrix-vector
+        # products many times slower whenever another process holds a core (measured: docs/performance.md).
+        self.threads = threads
+        self._blas = ThreadpoolController()
 
     @property
     def adapter(self) -> str | None:
@@ -81,8 +86,9 @@ class Machine:
                 hint="recompile with a larger --max-context, or ask for fewer tokens",
             )
         self.buf = {isa.Buf.TOK: ids}
-        for handler, instr in self._handlers:
-            handler(self, instr)
+        with self._blas.limit(limits=self.threads, user_api="blas"):
+            for handler, instr in self._handlers:
+                handler(self, instr)
         self.pos0 += ids.size
         return self.buf[isa.Buf.LOGITS]
 
