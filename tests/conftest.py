@@ -12,7 +12,7 @@ from romac.ir import ModelConfig, make_model
 
 def small_config(**overrides) -> ModelConfig:
     base = dict(
-        vocab_size=200, hidden_size=128, intermediate_size=224, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=200, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
     )
     base.update(overrides)
