@@ -179,7 +179,6 @@ def _write_sram_image(model: Model, layout: dict, path: Path) -> None:
     adapter = model.adapter(layout["name"])
     image = bytearray(layout["bytes"])
     entry = struct.calcsize(SLOT_ENTRY_FORMAT)
-    cfg = model.config
     for slot, a_off, b_off, rank, in_f, out_f in layout["entries"]:
         tensor = sram["slots"][slot]
         a_h, b_h = adapter.weights[tensor]
@@ -193,7 +192,6 @@ def _write_sram_image(model: Model, layout: dict, path: Path) -> None:
         image[a_off : a_off + len(a_bytes)] = a_bytes
         image[b_off : b_off + len(b_bytes)] = b_bytes
         struct.pack_into(SLOT_ENTRY_FORMAT, image, slot * entry, a_scale, b_scale, adapter.scaling, rank)
-    del cfg
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(image))
 
