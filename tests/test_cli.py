@@ -39,6 +39,9 @@ def test_default_compile_run_verify(tmp_path):
     verify = romac("verify", out, cwd=tmp_path).stdout
     assert "builtin" in verify and "FAIL" not in verify
     assert "B-ROM" in romac("inspect", out).stdout
+    from romac.backend.isa import assemble, encode
+
+    assert encode(assemble((out / "program.asm").read_text())) == (out / "program.bin").read_bytes()
 
 
 def test_transformers_checkpoint_with_peft_adapter(tmp_path, hf_checkpoint):
