@@ -11,6 +11,7 @@ Pure numpy (+ ml_dtypes for FP8); torch and bitsandbytes are test-only reference
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -198,7 +199,7 @@ class QuantTensor:
     constants: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-class Codec:
+class Codec(abc.ABC):
     """One number format: quantize to codes + parameters, dequantize back to float32."""
 
     name: str = ""
@@ -206,11 +207,13 @@ class Codec:
     group: int = 0
     param_fields: tuple[tuple[str, str], ...] = ()
 
+    @abc.abstractmethod
     def quantize(self, w: np.ndarray) -> QuantTensor:
-        raise NotImplementedError
+        """Codes and parameters of a float tensor."""
 
+    @abc.abstractmethod
     def dequantize(self, q: QuantTensor) -> np.ndarray:
-        raise NotImplementedError
+        """The float32 values the codes stand for."""
 
     def spec(self) -> dict:
         return {"format": self.name}
