@@ -111,7 +111,7 @@ def tile_sizes(codec: Codec, grid: TileGrid, word_bytes: int) -> np.ndarray:
 
 def row_group_params(codec: Codec, q: QuantTensor) -> dict[str, np.ndarray]:
     """Each parameter as [rows, groups per row]; bitsandbytes' flat blocks are reshaped (rows must align)."""
-    rows, cols = q.shape if len(q.shape) == 2 else (1, q.shape[0])
+    rows = q.shape[0] if len(q.shape) == 2 else 1
     out = {}
     for key, _ in codec.param_fields:
         p = q.params[key]

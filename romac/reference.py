@@ -23,10 +23,12 @@ _FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 
 def lora_roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
     """A LoRA matrix as it reads back from SRAM in the given precision."""
+    x = np.asarray(x, np.float32)
     if fmt == "fp8_e4m3":
-        codes, scale = fp8_e4m3_encode(np.asarray(x, np.float32))
-        return fp8_e4m3_decode(codes, scale)
-    return fp16_decode(fp16_encode(np.asarray(x, np.float32)))
+        return fp8_e4m3_decode(*fp8_e4m3_encode(x))
+    if fmt == "fp16":
+        return fp16_decode(fp16_encode(x))
+    return x  # fp32: stored as is
 
 
 def kv_roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
@@ -60,9 +62,11 @@ class GoldenModel:
             ad = model.adapter(adapter)
             scaling = float(np.float32(ad.scaling))
             for tensor, (a, b) in ad.weights.items():
-                a64 = lora_roundtrip(a.load(), lora_format).astype(np.float64) if lora_format != "fp32" else a.load().astype(np.float64)
-                b64 = lora_roundtrip(b.load(), lora_format).astype(np.float64) if lora_format != "fp32" else b.load().astype(np.float64)
-                self.lora[tensor] = (a64, b64, scaling)
+                self.lora[tensor] = (
+                    lora_roundtrip(a.load(), lora_format).astype(np.float64),
+                    lora_roundtrip(b.load(), lora_format).astype(np.float64),
+                    scaling,
+                )
 
     def weight(self, name: str) -> np.ndarray:
         """A stored tensor as the chip holds it (quantized then dequantized), in float64."""
