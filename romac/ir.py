@@ -103,13 +103,20 @@ class ModelConfig:
             inv = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
         elif kind == "linear":
             inv = inv / float(scaling["factor"])
+        elif kind == "explicit":  # frequencies read off a graph (ONNX) that follow no named schedule
+            inv = np.asarray(scaling["inv_freq"], dtype=np.float64)
+            if inv.shape != (dim // 2,):
+                from romac.errors import RomacError
+
+                raise RomacError(f"explicit RoPE table has {inv.size} entries, head_dim {dim} needs {dim // 2}",
+                                 where="rope_scaling")
         elif kind not in ("default", None):
             from romac.errors import RomacError
 
             raise RomacError(
                 f"RoPE scaling type {kind!r} is not supported",
                 where="config.json rope_scaling",
-                hint="supported: default, linear, llama3",
+                hint="supported: default, linear, llama3 (and explicit tables read from ONNX graphs)",
             )
         return inv.astype(np.float32)
 
@@ -194,6 +201,9 @@ class Model:
     source: Mapping[str, Any] = field(default_factory=dict)
     tensors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     annotations: Mapping[str, Any] = field(default_factory=dict)
+    # The checkpoint's tokenizer as a tokenizers ``tokenizer.json`` text (None: the input carries none). Opaque to
+    # the passes; the emitter writes it into the artifact directory so `romac run --prompt` can encode and decode.
+    tokenizer: str | None = field(default=None, repr=False, compare=False)
 
     def ops(self) -> Iterator[tuple[str, dict]]:
         """Op nodes in execution (topological) order."""
