@@ -39,6 +39,20 @@ def hf_key(name: str) -> str:
     return "lm_head.weight" if name == "lm_head" else f"model.{name}.weight"
 
 
+def _fp16_normal(rng: np.random.Generator, shape: tuple[int, ...], scale: float, offset: float) -> np.ndarray:
+    """``N(offset, scale²)`` as fp16, drawn in row chunks (the same values as one draw: the generator fills
+    arrays in order), so an 8B model's 2 GB embedding never exists in float32."""
+    out = np.empty(shape, np.float16)
+    flat = out.reshape(shape[0], -1)
+    step = max(1, (16 << 20) // max(1, flat.shape[1]))
+    for r in range(0, flat.shape[0], step):
+        x = rng.standard_normal((min(step, flat.shape[0] - r), flat.shape[1]), dtype=np.float32) * np.float32(scale)
+        if offset:
+            x += np.float32(offset)
+        flat[r : r + x.shape[0]] = x
+    return out
+
+
 def write_checkpoint(name: str, out: Path, seed: int = 0) -> int:
     """Write the checkpoint; returns its parameter count."""
     cfg = config_for(name)
@@ -59,10 +73,7 @@ def write_checkpoint(name: str, out: Path, seed: int = 0) -> int:
     for tensor in tensor_names(cfg):
         shape = expected_shape(cfg, tensor)
         scale = 1.0 / np.sqrt(shape[-1]) if len(shape) == 2 else 0.1
-        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
-        if len(shape) == 1:
-            w += 1
-        w = w.astype(np.float16)
+        w = _fp16_normal(rng, shape, scale, 1.0 if len(shape) == 1 else 0.0)
         if size + w.nbytes > SHARD_BYTES:
             flush()
         shard[hf_key(tensor)] = w

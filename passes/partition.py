@@ -34,6 +34,46 @@ def _mib(words: int, target: Target) -> str:
     return f"{words * target.word_bytes / 2**20:,.2f} MiB"
 
 
+_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "nf4": 4, "fp4": 4, "int2": 2}
+
+
+def _rom_knobs(model: Model, target: Target, sizes: dict, need: int) -> str:
+    """What would make the model fit, with the B-ROM each option needs (for the capacity error's hint)."""
+    from romac.layout import tile_sizes
+
+    def need_with(proj: str | None, embed: str | None) -> int:
+        total = 0
+        for name, words in sizes.items():
+            info = model.tensors[name]
+            fmt = embed if name in ("embed_tokens", "lm_head") else proj
+            if info["kind"] != "matrix" or fmt is None or fmt == info["codec"]["format"]:
+                total += int(words.sum())
+            else:
+                codec = get_codec(fmt, group_size=target.group_size)
+                total += int((tile_sizes(codec, info["grid"], target.word_bytes) // target.word_bytes).sum())
+        return total
+
+    have = target.banks * target.bank_words
+    proj_fmt = next((i["codec"]["format"] for n, i in model.tensors.items() if i["kind"] == "matrix"
+                     and n not in ("embed_tokens", "lm_head")), None)
+    embed_fmt = model.tensors.get("embed_tokens", {}).get("codec", {}).get("format")
+    knobs = []
+    for fmt in ("int4", "int2"):
+        if proj_fmt in _BITS and _BITS[fmt] < _BITS[proj_fmt]:
+            n = need_with(fmt, fmt if embed_fmt in _BITS and _BITS[fmt] < _BITS[embed_fmt] else None)
+            flag = f"--quant {fmt}" + (f" --quant-embedding {fmt}" if embed_fmt in _BITS and _BITS[fmt] < _BITS[embed_fmt] else "")
+            knobs.append(f"fewer bits per weight: {flag} needs {_mib(n, target)}{' (fits)' if n <= have else ''}")
+            if n <= have:
+                break
+    if not knobs and embed_fmt in _BITS and proj_fmt in _BITS and _BITS[embed_fmt] > _BITS[proj_fmt]:
+        n = need_with(None, proj_fmt)
+        knobs.append(f"a narrower embedding: --quant-embedding {proj_fmt} needs {_mib(n, target)}")
+    banks = -(-need * 1001 // 1000 // target.bank_words)  # 0.1% slack for the fullest bank
+    knobs.append(f"a bigger target: at least {banks} banks of {target.bank_words} words "
+                 f"(or {-(-need * 1001 // 1000 // target.banks)} words per bank)")
+    return "use " + "; or ".join(knobs)
+
+
 def partition(model: Model, target: Target, options) -> Model:
     B = target.banks
     sizes = {name: tile_words(info, target.word_bytes) for name, info in model.tensors.items() if "grid" in info}
@@ -42,8 +82,9 @@ def partition(model: Model, target: Target, options) -> Model:
     if need > have:
         raise CapacityError(
             f"the model needs {_mib(need, target)} of B-ROM but target {target.name!r} has {_mib(have, target)} "
-            f"({B} banks × {target.bank_words} words × {target.word_bits} bits), over by {100 * (need / have - 1):.1f}%",
-            hint="use fewer bits per weight (--quant int2), or a target with more or larger banks",
+            f"({B} banks × {target.bank_words} words × {target.word_bits} bits), over by "
+            f"{_mib(need - have, target)} ({100 * (need / have - 1):.1f}%)",
+            hint=_rom_knobs(model, target, sizes, need),
         )
     used = np.zeros(B, np.int64)
     regions, next_bank = [], 0

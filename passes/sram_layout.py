@@ -48,11 +48,15 @@ def sram_layout(model: Model, target: Target, options) -> Model:
             pos = ceil_to(b_off + out_f * ad.rank * elem, SRAM_ALIGN)
             entries.append([slot, a_off, b_off, ad.rank, in_f, out_f])
         if pos > target.sram_bytes:
+            per_rank = sum((e[4] + e[5]) * elem for e in entries)
+            fit = (target.sram_bytes - slot_table_bytes(len(slots)) - 2 * SRAM_ALIGN * len(entries)) // max(per_rank, 1)
             raise CapacityError(
-                f"adapter {ad.name!r} alone needs {_mib(pos)} of SRAM but target {target.name!r} has "
-                f"{_mib(target.sram_bytes)}",
+                f"adapter {ad.name!r} (rank {ad.rank}) alone needs {_mib(pos)} of SRAM but target {target.name!r} "
+                f"has {_mib(target.sram_bytes)}, over by {_mib(pos - target.sram_bytes)}, leaving no room for a KV cache",
                 where=ad.source or ad.name,
-                hint="use a smaller LoRA rank, fewer target modules, or a target with more SRAM",
+                hint=(f"use LoRA rank {fit} or less (then the KV cache still needs "
+                      f"{kv_bytes_per_token(model, target):,} B per token), " if fit >= 1 else "")
+                + f"adapt fewer projections, or use a target with more than {_mib(pos)} of SRAM",
             )
         largest = max(largest, pos)
         adapters.append(
@@ -62,13 +66,26 @@ def sram_layout(model: Model, target: Target, options) -> Model:
     context = options.max_context or target.max_context
     per_token = kv_bytes_per_token(model, target)
     kv_offset = ceil_to(largest, SRAM_ALIGN)
-    fits = (target.sram_bytes - kv_offset) // per_token
+    fits = max(0, (target.sram_bytes - kv_offset) // per_token)
     if context > fits:
+        short = kv_offset + context * per_token - target.sram_bytes
+        knobs = [f"use --max-context {fits} or less"] if fits else []
+        big = max(adapters, key=lambda a: a["bytes"], default=None)
+        if big is not None:
+            per_rank = sum((e[4] + e[5]) * elem for e in big["entries"])
+            room = target.sram_bytes - context * per_token - slot_table_bytes(len(slots)) - 2 * SRAM_ALIGN * len(big["entries"])
+            rank = room // max(per_rank, 1)
+            if 1 <= rank < big["rank"]:
+                knobs.append(f"LoRA rank {rank} or less for adapter {big['name']!r} (now {big['rank']})")
+        if target.kv_cache != "fp8_e4m3":
+            knobs.append(f"a target with an fp8_e4m3 KV cache (now {target.kv_cache})")
+        knobs.append(f"a target with at least {_mib(kv_offset + context * per_token)} of SRAM")
         raise CapacityError(
-            f"a KV cache of {context} tokens needs {_mib(context * per_token)} of SRAM; with "
-            f"{_mib(kv_offset)} of adapter weights target {target.name!r} ({_mib(target.sram_bytes)}) holds {fits} tokens",
+            f"a KV cache of {context} tokens needs {_mib(context * per_token)} of SRAM ({per_token:,} B per token); "
+            f"beside {_mib(kv_offset)} of adapter weights target {target.name!r} ({_mib(target.sram_bytes)}) holds "
+            f"{fits} tokens, short by {_mib(short)}",
             where="--max-context",
-            hint=f"use --max-context {fits} or less, a smaller LoRA rank, or a target with more SRAM",
+            hint=", or ".join(knobs),
         )
     sram = {
         "bytes": target.sram_bytes,

@@ -36,71 +36,124 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _bnb_options(f):
+    """The nf4/fp4 (bitsandbytes) parameters, shared by compile and plan."""
+    f = click.option("--bnb-threads", type=click.IntRange(min=1), default=None,
+                     help="nf4/fp4 double quant: the torch thread count bitsandbytes quantized with on the CPU "
+                          "(its float32 mean of the absmax depends on it above 32768 blocks; default 1).")(f)
+    f = click.option("--double-quant/--no-double-quant", default=None,
+                     help="nf4/fp4: also quantize the absmax values (bnb_4bit_use_double_quant; default: on, "
+                          "as QLoRA).")(f)
+    return click.option("--bnb-blocksize", type=int, default=None,
+                        help="nf4/fp4: weights per absmax block, as bitsandbytes' blocksize (32, 64, ... 4096; "
+                             "default 64).")(f)
+
+
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="A PEFT LoRA adapter (repeatable).")
 @click.option("--target", default=None, help="Built-in target name or path to a target TOML (default: tiny).")
 @click.option("--quant", default=None, help="Format of the projection matrices: nf4, fp4, int8, int4, int2, fp16, fp32.")
 @click.option("--quant-embedding", default=None, help="Format of the embedding and LM head.")
+@_bnb_options
 @click.option("--max-context", type=click.IntRange(min=1), default=None, help="KV-cache length in tokens.")
+@click.option("--rom-format", "rom_formats", multiple=True, metavar="FMT[,FMT]",
+              help="Also write each bank as mem ($readmemh), coe (Xilinx), mif (Intel) or verilog (a ROM module "
+                   "+ its .mem); comma-separated or repeated. The raw .rom is always written.")
 @click.option("--out", "-o", default=DEFAULT_OUT, show_default=True, help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def compile(model, adapters, target, quant, quant_embedding, max_context, out, force, quiet) -> None:
-    """Compile MODEL (a checkpoint directory; default: the built-in model and adapter) into OUT."""
+def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads, max_context,
+            rom_formats, out, force, quiet) -> None:
+    """Compile MODEL (a checkpoint directory or a .gguf file; default: the built-in model and adapter) into OUT.
+
+    \b
+    QLoRA: a bitsandbytes 4-bit checkpoint (save_pretrained of a model loaded
+    with BitsAndBytesConfig(load_in_4bit=True, ...)) keeps its stored NF4/FP4
+    codes (--quant re-quantizes it only if it names another format). The FP
+    checkpoint it came from compiles to the same ROM images with the options
+    matching its BitsAndBytesConfig:
+      bnb_4bit_quant_type="nf4" / "fp4"    --quant nf4 / --quant fp4
+      bnb_4bit_use_double_quant=False      --no-double-quant (romac: on unless
+                                           told; transformers: off unless told)
+      a Linear4bit blocksize other than 64 --bnb-blocksize N
+    provided bitsandbytes quantized the checkpoint's own values: loaded with
+    dtype= the stored dtype or a wider one (not fp32 weights loaded as bf16).
+    """
     from romac.driver import compile_checkpoint
-    from romac.frontend import detect
+    from romac.frontend import describe, detect
+    from romac.backend.romformats import parse_formats
     from romac.passes import CompileOptions
 
+    rom_formats = parse_formats(rom_formats)  # a bad name fails before any work
     kind = detect(model)
     if not quiet:
-        what = "the built-in model (2-layer LLaMA, GQA) with its built-in LoRA adapter" if kind == "builtin" else f"{kind} checkpoint {model}"
+        what = describe(model, kind)
         click.echo(f"romac: compiling {what}", err=True)
-    options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context)
+    options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
+                             rom_formats=rom_formats, bnb_blocksize=bnb_blocksize, double_quant=double_quant,
+                             bnb_threads=bnb_threads)
     compiled = compile_checkpoint(model, out, adapters, target, options, force=force, progress=not quiet)
     if quiet:
         return
     from romac.backend.report import build_report
 
+    from romac.summary import capacity_lines, performance_brief
+
     rep = build_report(compiled)
     t = compiled.annotations["target"]
     click.echo(f"romac: wrote {out}/ for target {t.name!r}")
-    click.echo(f"  B-ROM  {rep['rom']['used_bytes'] / 2**20:9.2f} MiB of {t.rom_bytes / 2**20:.2f} MiB "
-               f"({100 * rep['rom']['utilisation']:.1f}%) in {t.banks} banks")
-    for fmt, e in rep["weights"]["effective_bits_per_weight"].items():
-        click.echo(f"  {fmt:5s}  {e['parameters']:>12,} weights at {e['bits_per_weight']:.3f} bits each (scales included)")
-    kv = rep["sram"]["kv_cache"]
-    click.echo(f"  SRAM   {rep['sram']['adapter_region_bytes'] / 2**20:9.2f} MiB adapters + {kv['bytes'] / 2**20:.2f} MiB "
-               f"KV cache ({kv['max_context']} tokens) of {t.sram_bytes / 2**20:.2f} MiB")
-    click.echo(f"  adapters: {', '.join(compiled.annotations['sram'] and [a['name'] for a in compiled.annotations['sram']['adapters']]) or 'none'}")
-    click.echo(f"next: romac run {out} --prompt-ids 1,2,3 --max-new-tokens 8   |   romac verify {out}")
+    for line in capacity_lines(rep) + performance_brief(rep["performance"], t.name):
+        click.echo(f"  {line}")
+    prompt = "--prompt 'Once upon a time'" if compiled.tokenizer is not None else "--prompt-ids 1,2,3"
+    click.echo(f"next: romac run {out} {prompt} --max-new-tokens 8   |   romac verify {out}")
 
 
 @cli.command()
-@click.argument("artifacts", type=click.Path(file_okay=False))
+@click.argument("artifacts")  # checked by open_artifacts: one line naming the path
 @click.option("--adapter", default=None, help="Adapter to make resident (default: none, the base model).")
-@click.option("--prompt-ids", default=None, help="Comma-separated token ids.")
+@click.option("--prompt", "prompt_text", default=None,
+              help="Prompt text, encoded with the tokenizer compiled into the artifacts; prints text.")
+@click.option("--prompt-ids", default=None, help="Comma-separated token ids; prints the generated ids.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=16, show_default=True)
 @click.option("--dump-logits", type=click.Path(dir_okay=False), default=None, help="Write logits of every position to a .npy file.")
-def run(artifacts, adapter, prompt_ids, max_new_tokens, dump_logits) -> None:
-    """Run the emulator on an artifact directory and print the generated token ids."""
+def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits) -> None:
+    """Run the emulator on an artifact directory: print the prompt and its continuation (--prompt) or the ids."""
     import numpy as np
 
     from romac.emulator import Machine
 
-    ids = _ids(prompt_ids)
-    if not ids:
-        raise RomacError("a prompt is required", where="--prompt-ids", hint="e.g. --prompt-ids 1,2,3")
+    if prompt_text is not None and prompt_ids is not None:
+        raise RomacError("--prompt and --prompt-ids exclude each other", where="romac run", hint="give one of them")
+    tok = None
+    if prompt_text is not None:
+        from romac.artifacts import open_artifacts
+        from romac.frontend.tokenizer import artifact_tokenizer, encode
+
+        tok = artifact_tokenizer(open_artifacts(artifacts, check_hashes=False))  # Machine checks the hashes below
+        ids = encode(tok, prompt_text)
+        if not ids:
+            raise RomacError("the prompt encodes to no tokens", where="--prompt", hint="give some text")
+    else:
+        ids = _ids(prompt_ids)
+        if not ids:
+            raise RomacError("a prompt is required", where="--prompt-ids",
+                             hint="e.g. --prompt-ids 1,2,3, or --prompt TEXT when the artifacts carry a tokenizer")
     machine = Machine(artifacts, adapter=adapter)
     eos = machine.config.get("eos_token_id")
     new, logits = machine.generate(ids, max_new_tokens, stop=eos)
-    click.echo(",".join(str(t) for t in new))
+    if tok is not None:
+        from romac.frontend.tokenizer import decode
+
+        click.echo(decode(tok, ids + new))
+    else:
+        click.echo(",".join(str(t) for t in new))
     if dump_logits:
         np.save(dump_logits, logits.astype(np.float32))
 
 
 @cli.command()
-@click.argument("artifacts", type=click.Path(file_okay=False))
+@click.argument("artifacts")  # checked by open_artifacts: one line naming the path
 @click.option("--model", "model_spec", default=None, help="The source checkpoint (not needed for the built-in model).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="Source of each compiled adapter.")
 @click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True, help="Greedy steps to compare.")
@@ -129,26 +182,66 @@ def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onn
 
 
 @cli.command()
-@click.argument("artifacts", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(artifacts, as_json) -> None:
-    """Print what an artifact directory holds: capacity, utilisation, SRAM map."""
-    from romac.artifacts import REPORT, open_artifacts
+@click.argument("artifacts")  # checked by open_artifacts: one line naming the path
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (fields: docs/roma.md).")
+@click.option("--plots", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also draw bank_utilisation.png and tokens_per_s.png into DIR (needs romac[plot]).")
+def inspect(artifacts, as_json, plots) -> None:
+    """Print what an artifact directory holds: capacity, utilisation, SRAM map, performance and area estimate."""
+    from romac.summary import artifacts_report, capacity_lines, performance_lines, write_plots
 
-    manifest = open_artifacts(artifacts)
-    report = json.loads((Path(manifest["root"]) / REPORT).read_text())
+    report = artifacts_report(artifacts)
+    if plots:
+        for path in write_plots(report, plots):
+            click.echo(f"romac: wrote {path}", err=True)
     if as_json:
         click.echo(json.dumps(report, indent=1, sort_keys=True))
         return
-    rom = report["rom"]
-    click.echo(f"target {report['target']}: B-ROM {rom['used_bytes'] / 2**20:.2f} of {rom['capacity_bytes'] / 2**20:.2f} MiB "
-               f"({100 * rom['utilisation']:.1f}%), bank imbalance {rom['bank_imbalance_words']} words")
-    for fmt, e in report["weights"]["effective_bits_per_weight"].items():
-        click.echo(f"  {fmt}: {e['parameters']:,} weights, {e['bits_per_weight']:.3f} bits/weight")
-    s = report["sram"]
-    click.echo(f"SRAM {s['capacity_bytes'] / 2**20:.2f} MiB: adapters {s['adapter_region_bytes']:,} B, "
-               f"KV cache {s['kv_cache']['bytes']:,} B ({s['kv_cache']['max_context']} tokens, fits "
-               f"{s['kv_cache']['max_context_that_fits']}), free {s['free_bytes']:,} B")
+    click.echo(f"target {report['target']}")
+    for line in capacity_lines(report) + performance_lines(report["performance"], report["target"]):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="A PEFT LoRA adapter (repeatable).")
+@click.option("--lora-rank", "lora_ranks", multiple=True, type=click.IntRange(min=1), metavar="R",
+              help="Also plan a shape-only LoRA adapter of rank R on all seven projections (repeatable).")
+@click.option("--target", default=None, help="Built-in target name or path to a target TOML (default: tiny).")
+@click.option("--quant", default=None, help="Format of the projection matrices.")
+@click.option("--quant-embedding", default=None, help="Format of the embedding and LM head.")
+@_bnb_options
+@click.option("--max-context", type=click.IntRange(min=1), default=None, help="KV-cache length in tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (as report.json would hold it) as JSON.")
+@click.option("--plots", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also draw bank_utilisation.png and tokens_per_s.png into DIR (needs romac[plot]).")
+def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads,
+         max_context, as_json, plots) -> None:
+    """Capacity-plan MODEL on a target without reading or writing a weight (seconds, even for 8B).
+
+    MODEL is a checkpoint (opened header-only) or a bare config.json (shapes only). Prints what compile would:
+    B-ROM and SRAM use, the longest context, the performance and area estimate; a model that does not fit
+    fails with the same error compile gives.
+    """
+    from romac.passes import CompileOptions
+    from romac.planning import plan_checkpoint
+    from romac.summary import capacity_lines, performance_lines
+
+    options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
+                             bnb_blocksize=bnb_blocksize, double_quant=double_quant, bnb_threads=bnb_threads)
+    planned = plan_checkpoint(model, adapters, target, options, lora_ranks)
+    report = planned.annotations["report"]
+    if plots:
+        from romac.summary import write_plots
+
+        for path in write_plots(report, plots):
+            click.echo(f"romac: wrote {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(report, indent=1, sort_keys=True))
+        return
+    click.echo(f"target {report['target']} (plan only: nothing written)")
+    for line in capacity_lines(report) + performance_lines(report["performance"], report["target"]):
+        click.echo(line)
 
 
 @cli.command()
@@ -171,11 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     except RomacError as e:
         if debug:
             raise
-        click.echo(f"romac: error: {e}", err=True)
+        click.echo(f"romac: error: {' '.join(str(e).splitlines())}", err=True)  # always one line
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("romac: interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a bad option value: one line too, naming the option
+        command = e.ctx.command_path if e.ctx else "romac"
+        click.echo(f"romac: error: {' '.join(e.format_message().splitlines()).rstrip('.')}; see '{command} --help'", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(2)

@@ -237,6 +237,9 @@ def _lookup_table(values: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np
     return np.where(lo == hi, lo, np.uint8(255)).astype(np.uint8), bounds
 
 
+_TABLES: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
 class Bnb4bitCodec(Codec):
     """bitsandbytes NF4 / FP4, bit-exact with ``quantize_4bit`` / ``dequantize_4bit`` (bnb 0.50, CPU).
 
@@ -258,7 +261,11 @@ class Bnb4bitCodec(Codec):
         self.values = NF4_VALUES if name == "nf4" else FP4_VALUES
         self.order = np.arange(16, dtype=np.uint8) if name == "nf4" else _FP4_ORDER
         self.pad_code = int(self.order[7])       # code bnb gives 0.0 (its pad for an odd element count)
-        self._table, self._bounds = _lookup_table(self.values, self.order)
+        if name not in _TABLES:   # 65536-entry table: built once per format, not per codec object
+            _TABLES[name] = _lookup_table(self.values, self.order)
+            for a in _TABLES[name]:
+                a.flags.writeable = False
+        self._table, self._bounds = _TABLES[name]
 
     def spec(self) -> dict:
         s = {"format": self.name, "blocksize": self.group, "double_quant": self.double_quant}
@@ -294,10 +301,19 @@ class Bnb4bitCodec(Codec):
             raise RomacError("tensor holds inf or NaN", hint="NF4/FP4 need finite weights")
         if not self.double_quant:
             return QuantTensor(self.name, shape, codes.reshape(shape), {"absmax": absmax})
-        offset = _torch_mean(absmax, self.bnb_threads)
-        qabs, nested = _quantize_blockwise_dynamic(absmax - offset)
-        return QuantTensor(self.name, shape, codes.reshape(shape), {"absmax": qabs},
-                           {"nested_absmax": nested, "offset": np.array([offset], f32)})
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, not warned about
+            offset = _torch_mean(absmax, self.bnb_threads)
+            qabs, nested = _quantize_blockwise_dynamic(absmax - offset)
+            q = QuantTensor(self.name, shape, codes.reshape(shape), {"absmax": qabs},
+                            {"nested_absmax": nested, "offset": np.array([offset], f32)})
+            finite = np.isfinite(offset) and np.isfinite(self.absmax_float32(q)).all()
+        if not finite:  # bitsandbytes would store NaN/Inf absmax here: refuse rather than burn NaN into ROM
+            raise RomacError(
+                f"double quantization overflows float32 (block absmax values up to {absmax.max():.3g}, mean {offset:.3g})",
+                hint=f"{self.name.upper()} with double quantization cannot hold weights this large; rescale the model "
+                "or use a format without double quantization",
+            )
+        return q
 
     @staticmethod
     def absmax_float32(q: QuantTensor) -> np.ndarray:

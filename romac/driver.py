@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
+from romac.backend.atomic import check_destination
 from romac.backend.emit import emit
 from romac.frontend import attach_adapters, load_model
 from romac.ir import Model
@@ -40,7 +42,12 @@ def compile_checkpoint(
     progress: bool = False,
 ) -> Model:
     """Load a checkpoint (``None``: the built-in model and adapter) plus adapters, and compile it."""
+    check_destination(Path(os.path.abspath(out)), str(out), force)  # fail before reading anything
     model = load_model(model_spec, with_builtin_adapter=not adapters)
     if adapters:
         model = attach_adapters(model, adapters)
     return compile_model(model, out, target, options, force=force, progress=progress)
+
+
+# Capacity planning: the passes without the emitter (no weight is read or written).
+from romac.planning import plan_checkpoint, plan_model  # noqa: E402,F401

@@ -74,8 +74,8 @@ class GoldenModel:
         if w is None:
             handle = self.model.weights[name]
             codec = get_codec(**self.formats[name])
-            if hasattr(handle, "load_quantized"):
-                q = handle.load_quantized()
+            if hasattr(handle, "load_quantized") and getattr(handle, "codec_spec", None) == self.formats[name]:
+                q = handle.load_quantized()  # pre-quantized, compiled to its own format: the stored codes
             else:
                 x = np.asarray(handle.load(), np.float32)
                 q = codec.quantize(x if x.ndim == 2 else x.reshape(1, -1))

@@ -31,6 +31,44 @@ ACTIVATION_FORMATS = ("fp32",)
 
 
 @dataclass(frozen=True)
+class PerfParams:
+    """The ``[perf]`` section: what the analytical performance and energy model (``romac.targets.perf``) needs
+    beyond the B-ROM geometry. Throughputs are per unit and per clock cycle; the L-Unit count is ``rom.banks``
+    (one B-ROM bank per L-Unit), so ``banks + h_units + vector_lanes`` must fill the ``mesh_rows × mesh_cols``
+    mesh. docs/roma.md explains every field and how the ROMA values were derived."""
+
+    mesh_rows: int
+    mesh_cols: int
+    h_units: int  # SRAM + high-precision units (LoRA, KV cache, attention)
+    vector_lanes: int  # the vector unit (RMSNorm, RoPE, SwiGLU, residual adds, softmax)
+    rom_read_bits_per_cycle: int  # per L-Unit: B-ROM bits (codes + quantization parameters) streamed per cycle
+    h_sram_bytes_per_cycle: int  # per H-Unit: SRAM read/write bandwidth
+    h_macs_per_cycle: int  # per H-Unit: high-precision multiply-accumulates
+    vector_elems_per_lane_per_cycle: int
+    instruction_latency_cycles: int  # pipeline fill/drain each instruction pays once, whatever T is
+    query_block: int  # tokens an H-Unit applies one SRAM read of LoRA or K/V weights to (prefill reuse)
+    activation_sram_bytes: int  # activation/intermediate buffers, outside [sram] bytes
+    static_power_w: float  # leakage and clock tree, paid every cycle
+    rom_pj_per_bit: float  # energy per B-ROM bit read and multiplied in an L-Unit
+    sram_pj_per_byte: float  # energy per SRAM byte read or written in an H-Unit
+    h_mac_pj: float  # energy per high-precision MAC
+    vector_pj_per_elem: float  # energy per vector-unit element operation
+
+
+@dataclass(frozen=True)
+class AreaParams:
+    """The ``[area]`` section: densities and per-unit logic areas of the area model (``romac.targets.perf``)."""
+
+    rom_um2_per_bit: float  # B-ROM (incl. quantization-parameter store), per bit of rom capacity
+    sram_um2_per_bit: float  # SRAM macros, per bit ([sram] bytes plus [perf] activation_sram_bytes)
+    l_unit_logic_mm2: float  # per L-Unit, beside its B-ROM
+    h_unit_logic_mm2: float  # per H-Unit, beside its SRAM
+    vector_lane_mm2: float
+    other_mm2: float  # control, I/O, clocking
+    unattributed_mm2: float  # die area the source does not assign to any part
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -51,7 +89,9 @@ class Target:
     lora: str
     kv_cache: str
     source: str = ""
-    extra: Any = None  # sections the core does not interpret (performance model parameters)
+    perf: PerfParams | None = None  # [perf], optional: without it there is no performance estimate
+    area: AreaParams | None = None  # [area], optional: without it there is no area estimate
+    extra: Any = None  # sections the core does not interpret
 
     @property
     def word_bytes(self) -> int:
@@ -69,6 +109,14 @@ class Target:
         d = asdict(self)
         d.pop("source")
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> "Target":
+        """Inverse of :meth:`to_dict` (a manifest's ``target``)."""
+        d = dict(d)
+        perf, area = d.pop("perf", None), d.pop("area", None)
+        return cls(**d, source=source, perf=PerfParams(**perf) if perf else None,
+                   area=AreaParams(**area) if area else None)
 
 
 @dataclass(frozen=True)
@@ -101,13 +149,66 @@ _SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
 }
 _FIELD_NAMES = {("sram", "bytes"): "sram_bytes"}
 
+_POS = _Range(1, 1 << 48)
+_NONNEG = _Range(0, 1 << 48)
+_ENERGY = _Range(0.0, 1e6)
+# Optional sections: absent means "no model"; present means every field is given, and no unknown ones.
+_OPTIONAL: dict[str, tuple[type, dict[str, tuple[type, Any]]]] = {
+    "perf": (PerfParams, {
+        "mesh_rows": (int, _Range(1, 1 << 16)),
+        "mesh_cols": (int, _Range(1, 1 << 16)),
+        "h_units": (int, _Range(1, 1 << 20)),
+        "vector_lanes": (int, _Range(1, 1 << 20)),
+        "rom_read_bits_per_cycle": (int, _POS),
+        "h_sram_bytes_per_cycle": (int, _POS),
+        "h_macs_per_cycle": (int, _POS),
+        "vector_elems_per_lane_per_cycle": (int, _POS),
+        "instruction_latency_cycles": (int, _NONNEG),
+        "query_block": (int, _Range(1, 1 << 20)),
+        "activation_sram_bytes": (int, _NONNEG),
+        "static_power_w": (float, _ENERGY),
+        "rom_pj_per_bit": (float, _ENERGY),
+        "sram_pj_per_byte": (float, _ENERGY),
+        "h_mac_pj": (float, _ENERGY),
+        "vector_pj_per_elem": (float, _ENERGY),
+    }),
+    "area": (AreaParams, {
+        "rom_um2_per_bit": (float, _ENERGY),
+        "sram_um2_per_bit": (float, _ENERGY),
+        "l_unit_logic_mm2": (float, _ENERGY),
+        "h_unit_logic_mm2": (float, _ENERGY),
+        "vector_lane_mm2": (float, _ENERGY),
+        "other_mm2": (float, _ENERGY),
+        "unattributed_mm2": (float, _ENERGY),
+    }),
+}
+
+
+def _optional_section(data: dict[str, Any], section: str, path: str) -> Any:
+    if section not in data:
+        return None
+    kind, spec = _OPTIONAL[section]
+    table = data[section]
+    if not isinstance(table, dict):
+        raise RomacError("must be a table", where=f"{path} [{section}]")
+    for key in table:
+        if key not in spec:
+            raise RomacError(f"unknown field (known: {', '.join(spec)})", where=f"{path} [{section}] {key}")
+    values = {}
+    for key, (typ, allowed) in spec.items():
+        if key not in table:
+            raise RomacError("field is missing", where=f"{path} [{section}] {key}")
+        values[key] = _check(path, section, key, table[key], typ, allowed)
+    return kind(**values)
+
 
 def _check(path: str, section: str, key: str, value: Any, kind: type, allowed: Any) -> Any:
     where = f"{path} [{section}] {key}"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise RomacError(f"must be a {kind.__name__}, got {value!r}", where=where)
+        kind_name = {int: "an integer", str: "a string"}.get(kind, f"a {kind.__name__}")
+        raise RomacError(f"must be {kind_name}, got {value!r}", where=where)
     if isinstance(allowed, tuple) and value not in allowed:
         raise RomacError(f"{value!r} is not one of {', '.join(map(str, allowed))}", where=where)
     if isinstance(allowed, _Range) and not allowed.lo <= value <= allowed.hi:
@@ -126,7 +227,15 @@ def target_from_dict(data: dict[str, Any], path: str = "<target>") -> Target:
             if key not in table:
                 raise RomacError(f"field is missing", where=f"{path} [{section}] {key}")
             fields[_FIELD_NAMES.get((section, key), key)] = _check(path, section, key, table[key], kind, allowed)
-    t = Target(**fields, source=path, extra={k: v for k, v in data.items() if k not in _SCHEMA} or None)
+    perf, area = _optional_section(data, "perf", path), _optional_section(data, "area", path)
+    t = Target(**fields, source=path, perf=perf, area=area,
+               extra={k: v for k, v in data.items() if k not in _SCHEMA and k not in _OPTIONAL} or None)
+    if perf is not None and t.banks + perf.h_units + perf.vector_lanes != perf.mesh_rows * perf.mesh_cols:
+        raise RomacError(
+            f"{t.banks} L-Units (rom banks) + {perf.h_units} H-Units + {perf.vector_lanes} vector lanes "
+            f"!= {perf.mesh_rows} × {perf.mesh_cols} mesh positions",
+            where=f"{path} [perf] mesh_rows",
+        )
     if t.tile_cols % t.group_size:
         raise RomacError(
             f"tile_cols {t.tile_cols} is not a multiple of group_size {t.group_size}",

@@ -211,3 +211,17 @@ def test_not_an_onnx_file(tmp_path):
     bad.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(RomacError, match="not a readable ONNX model"):
         load_onnx_model(bad)
+
+
+def test_kv_cache_export_is_recognised(tmp_path):
+    """past_key_values.* in, present.* out: the past Concat is part of the attention pattern."""
+    from tests.fixtures.onnx_exports import _export
+
+    hf = _small_llama(False, seed=3, vocab_size=5000)  # the fixture traces with SmolLM2 token ids
+    path = tmp_path / "model.onnx"
+    _export(hf, path, "dynamo", kv_cache=True, names=False, external_data=False)
+    m = load_onnx_model(path)
+    assert m.source["kv_cache_inputs"] is True
+    assert m.config.num_kv_heads == 2 and m.config.num_layers == 2
+    for name in ("embed_tokens", "lm_head", projection_tensor(0, "k_proj"), projection_tensor(1, "v_proj")):
+        np.testing.assert_array_equal(m.weights[name].load(), _hf_weight(hf, name), err_msg=name)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import os
-import shutil
 import struct
-import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,14 +25,17 @@ from romac.artifacts import (
     PROGRAM_ASM,
     PROGRAM_BIN,
     REPORT,
+    TOKENIZER,
     bank_file,
     dump_json,
     list_files,
+    seal_manifest,
     sha256_file,
     sram_file,
 )
-from romac.backend import isa
+from romac.backend import atomic, isa
 from romac.backend.report import build_report
+from romac.backend.romformats import parse_formats, write_bank_formats
 from romac.codecs import fp8_e4m3_encode, fp16_encode, get_codec
 from romac.errors import RomacError
 from romac.ir import Model
@@ -59,29 +60,56 @@ def _progress(total: int, enabled: bool):
 
 
 def _check_finite(w: np.ndarray, name: str, source: str, row0: int) -> None:
+    """Refuse NaN/Inf in a chunk the emitter already holds (no extra pass over the weights), naming the row."""
     if not np.isfinite(w).all():
-        r, c = np.argwhere(~np.isfinite(w))[0]
+        at = tuple(int(i) for i in np.argwhere(~np.isfinite(w))[0])
+        where_in = f"row {row0 + at[0]}, column {at[1]}" if len(at) == 2 else f"element {row0 + at[0]}" if at else ""
         raise RomacError(
-            f"tensor {name!r} holds {w[r, c] if w.ndim == 2 else w[r]} at [{row0 + r}, {c}]",
+            f"tensor {name!r} holds {w[at]} in {where_in}",
             where=source or name,
             hint="the checkpoint is corrupted or diverged; NaN/Inf weights cannot be quantized",
         )
 
 
 class _BankWriter:
-    """Open bank images, written in place with pwrite (sparse until filled)."""
+    """Open bank images, written in place with pwrite (sparse until filled).
+
+    Writes that continue where the bank's previous one ended are gathered (up to ``BUFFER`` bytes a bank) into
+    one pwrite: round-robin placement hands every bank a few KB per row chunk, and 208 banks × 2,000 chunks
+    of small pwrites cost more than the packing on a large model. Call :meth:`flush` before reading back.
+    """
+
+    BUFFER = 1 << 18
 
     def __init__(self, root: Path, target) -> None:
+        self.pending: dict[int, list] = {}  # bank -> [start offset, end offset, [bytes, ...]]
         self.fds = []
         for b in range(target.banks):
             path = root / bank_file(b, target.banks)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
             os.ftruncate(fd, target.bank_bytes)
             self.fds.append(fd)
 
     def write(self, bank: int, offset: int, data: np.ndarray) -> None:
-        os.pwrite(self.fds[bank], data.tobytes(), offset)
+        run = self.pending.get(bank)
+        if run is not None and run[1] != offset:
+            self._flush(bank)
+            run = None
+        if run is None:
+            run = self.pending[bank] = [offset, offset, []]
+        run[2].append(data.tobytes())
+        run[1] += data.size
+        if run[1] - run[0] >= self.BUFFER:
+            self._flush(bank)
+
+    def _flush(self, bank: int) -> None:
+        start, _, parts = self.pending.pop(bank)
+        os.pwrite(self.fds[bank], b"".join(parts), start)
+
+    def flush(self) -> None:
+        for bank in sorted(self.pending):
+            self._flush(bank)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -121,6 +149,14 @@ def _region_jobs(model: Model, region: dict, constants_region: dict | None):
     bank, offset = tile_locations(words, region["start_bank"], region["extents"], target.banks, target.word_bytes)
     handle = model.weights[region["name"]]
     source = getattr(handle, "source", "")
+    # a pre-quantized (bitsandbytes) weight compiled to its own format: its codes pass through untouched
+    passthrough = hasattr(handle, "load_quantized") and getattr(handle, "codec_spec", None) == region["codec"]
+
+    def quantize(w: np.ndarray):
+        try:
+            return codec.quantize(w)
+        except RomacError as e:  # a format limit (e.g. the FP16 scale range): say which tensor hit it
+            raise RomacError(f"tensor {region['name']!r}: {e}", where=source or None) from None
 
     def placed(q, grid_part: TileGrid, row0: int) -> tuple:
         tiles = pack_tiles(codec, q, grid_part, target.word_bytes)
@@ -138,12 +174,12 @@ def _region_jobs(model: Model, region: dict, constants_region: dict | None):
         return tiles, np.array([b]), np.array([off * target.word_bytes])
 
     def whole() -> tuple[Writes, int]:
-        if hasattr(handle, "load_quantized"):  # a pre-quantized (bitsandbytes) weight: codes pass through untouched
+        if passthrough:
             q = handle.load_quantized()
         else:
             w = np.asarray(handle.load(), np.float32).reshape(grid.rows, grid.cols)
             _check_finite(w, region["name"], source, 0)
-            q = codec.quantize(w)
+            q = quantize(w)
         writes = [placed(q, grid, 0)]
         if constants_region is not None:
             writes.append(constants(q))
@@ -154,12 +190,12 @@ def _region_jobs(model: Model, region: dict, constants_region: dict | None):
             w = np.asarray(handle.load_rows(r0, r1), np.float32)
             _check_finite(w, region["name"], source, r0)
             part = TileGrid(r1 - r0, grid.cols, grid.tile_rows, grid.tile_cols)
-            return [placed(codec.quantize(w), part, r0)], w.size
+            return [placed(quantize(w), part, r0)], w.size
 
         return job
 
     # rows are independent unless the format has per-tensor statistics (bitsandbytes' double quantization)
-    if region["kind"] == "vector" or constants_region is not None or hasattr(handle, "load_quantized"):
+    if region["kind"] == "vector" or constants_region is not None or passthrough:
         yield whole
         return
     rows_per_chunk = max(1, CHUNK_BYTES // (4 * grid.cols) // grid.tile_rows) * grid.tile_rows
@@ -185,8 +221,7 @@ def _write_sram_image(model: Model, layout: dict, path: Path) -> None:
         a = np.asarray(a_h.load(), np.float32)
         b = np.asarray(b_h.load(), np.float32)
         for arr, h in ((a, a_h), (b, b_h)):
-            if not np.isfinite(arr).all():
-                raise RomacError(f"LoRA tensor {h.name!r} holds NaN or Inf", where=getattr(h, "source", "") or adapter.source)
+            _check_finite(arr, h.name, getattr(h, "source", "") or adapter.source, 0)
         a_bytes, a_scale = _lora_block(a, sram["lora_format"])
         b_bytes, b_scale = _lora_block(b, sram["lora_format"])
         image[a_off : a_off + len(a_bytes)] = a_bytes
@@ -194,6 +229,11 @@ def _write_sram_image(model: Model, layout: dict, path: Path) -> None:
         struct.pack_into(SLOT_ENTRY_FORMAT, image, slot * entry, a_scale, b_scale, adapter.scaling, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(image))
+
+
+def _rom_formats(model: Model) -> tuple[str, ...]:
+    """The extra bank image formats the compile options ask for (validated; ``raw`` is always written)."""
+    return parse_formats(getattr(model.annotations.get("options"), "rom_formats", ()) or ())
 
 
 def _manifest(model: Model, files: dict) -> dict:
@@ -215,7 +255,7 @@ def _manifest(model: Model, files: dict) -> dict:
         } | {"projections": model.tensors["layers.0.self_attn.q_proj"]["codec"]},
         "regions": a["regions"],
         "banks": {"count": target.banks, "words": target.bank_words, "word_bits": target.word_bits,
-                  "used_words": a["bank_words_used"]},
+                  "used_words": a["bank_words_used"], "formats": ["raw", *_rom_formats(model)]},
         "sram": a["sram"],
         "adapters": [ad.name for ad in model.adapters],
         "program": {"instructions": len(a["program"]), "instruction_bytes": isa.INSTR_BYTES},
@@ -224,33 +264,35 @@ def _manifest(model: Model, files: dict) -> dict:
 
 
 def emit(model: Model, out: str | Path, *, force: bool = False, progress: bool = True) -> Path:
-    """Write the artifact directory for a fully compiled Model; returns its path."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise RomacError("output already exists", where=str(out), hint="pass --force to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise RomacError("output exists and is not a directory", where=str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    """Write the artifact directory for a fully compiled Model; returns its path.
+
+    Written into a temporary sibling and moved into place whole (see :mod:`romac.backend.atomic`).
+    """
+    shown = str(out)
+    path = Path(os.path.abspath(out))  # '.' or 'a/..' resolved, so that the temporary is a true sibling
+    atomic.check_destination(path, shown, force)
+    atomic.clean_stale_temporaries(path)
+    tmp = atomic.make_temporary(path, shown)
     try:
-        _write_all(model, tmp, progress)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        try:
+            _write_all(model, tmp, progress)
+        except OSError as e:  # the disk, not romac: a full or read-only file system, a vanished input
+            name = str(e.filename or "")
+            if name.startswith(str(tmp)):
+                raise RomacError(f"cannot write {Path(name).relative_to(tmp).as_posix()} ({e.strerror})", where=shown) from None
+            raise RomacError(f"cannot read ({e.strerror})", where=name or shown) from None
+        atomic.install(tmp, path, shown, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.remove_tree(tmp)
         raise
-    return out
+    return Path(out)
 
 
 def _write_all(model: Model, root: Path, progress: bool) -> None:
     a = model.annotations
     target = a["target"]
     regions = a["regions"]
+    rom_formats = _rom_formats(model)  # checked before any work
     constants = {r["constants_of"]: r for r in regions if "constants_of" in r}
     total = sum(math.prod(r["shape"]) for r in regions if "constants_of" not in r)
     jobs = (
@@ -276,8 +318,11 @@ def _write_all(model: Model, root: Path, progress: bool) -> None:
                     drain_one()
             while pending:
                 drain_one()
+        banks.flush()
     finally:
         banks.close()
+    # RTL images beside each raw bank, inside the temporary directory: they are in the manifest like every file
+    write_bank_formats(root, rom_formats, target.banks, target.word_bits, target.bank_words)
     for layout in a["sram"]["adapters"]:
         _write_sram_image(model, layout, root / sram_file(layout["name"]))
     program = a["program"]
@@ -285,5 +330,7 @@ def _write_all(model: Model, root: Path, progress: bool) -> None:
     names = [r["name"] for r in regions]
     (root / PROGRAM_ASM).write_text(isa.disassemble(program, names, a["sram"]["slots"]), encoding="utf-8")
     (root / REPORT).write_text(dump_json(build_report(model)), encoding="utf-8")
+    if model.tokenizer is not None:  # the checkpoint's tokenizer, for `romac run --prompt`
+        (root / TOKENIZER).write_text(model.tokenizer, encoding="utf-8")
     files = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in list_files(root)}
-    (root / MANIFEST).write_text(dump_json(_manifest(model, files)), encoding="utf-8")
+    (root / MANIFEST).write_text(seal_manifest(_manifest(model, files)), encoding="utf-8")

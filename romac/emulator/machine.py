@@ -33,6 +33,7 @@ class Machine:
         self._handlers: list[tuple[Callable, isa.Instr]] = [(SEMANTICS[i.op], i) for i in self.program if i.op != isa.Opcode.HALT]
         self._weights_t: dict[int, np.ndarray] = {}
         self._rope: dict[int, np.ndarray] = {}
+        self._rope_step: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.buf: dict[int, np.ndarray] = {}
         self.pos0 = 0
         self.sram.load_adapter(adapter)
@@ -50,20 +51,35 @@ class Machine:
         return self.config["vocab_size"]
 
     def weight_t(self, rid: int) -> np.ndarray:
-        """W^T of a matrix region, decoded once (row-vector activations multiply it from the left)."""
+        """W^T of a matrix region, decoded once (row-vector activations multiply it from the left).
+
+        Kept only in this [in, out] C-contiguous layout (the ROM's decode cache does not keep the [out, in]
+        copy too, unless an EMBED reads the same region): ``x @ W^T`` is then one BLAS sgemv over contiguous
+        columns, the faster of the two layouts for matrices that stream from memory (docs/performance.md).
+        """
         w = self._weights_t.get(rid)
         if w is None:
-            w = self._weights_t[rid] = np.ascontiguousarray(self.rom.value(rid).T)
+            w = self._weights_t[rid] = np.ascontiguousarray(self.rom.value(rid, cache=False).T)
         return w
 
     def rope_tables(self, rid: int, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin [t, head_dim] at positions pos0 .. pos0+t-1 (angles in float64, like the golden model)."""
+        """cos and sin [t, head_dim] at positions pos0 .. pos0+t-1 (angles in float64, like the golden model).
+
+        Computed once per step and table (every layer's q and k rotations of a step share them).
+        """
+        key = (rid, self.pos0, t)
+        hit = self._rope_step.get(key)
+        if hit is not None:
+            return hit
         inv = self._rope.get(rid)
         if inv is None:
             inv = self._rope[rid] = self.rom.value(rid).astype(np.float64)
         angles = np.arange(self.pos0, self.pos0 + t, dtype=np.float64)[:, None] * inv[None, :]
         angles = np.concatenate([angles, angles], axis=-1)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        if len(self._rope_step) > 8:
+            self._rope_step.clear()
+        hit = self._rope_step[key] = (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+        return hit
 
     def reset(self, adapter: str | None | type(...) = ...) -> None:
         """Forget the context (and switch adapter when one is given; ``None`` runs the base model)."""

@@ -60,12 +60,19 @@ class Rom:
         q = unpack_tiles(codec, tiles, grid, shape if region["kind"] == "matrix" else (1, shape[0]), constants)
         return codec, q
 
-    def value(self, rid: int) -> np.ndarray:
-        """The region's values as float32 (matrices [out, in], vectors [n]), decoded once and cached."""
-        if rid not in self._cache:
+    def value(self, rid: int, cache: bool = True) -> np.ndarray:
+        """The region's values as float32 (matrices [out, in], vectors [n]), decoded once and cached.
+
+        ``cache=False`` decodes without keeping the result (for a caller that keeps its own, transposed, copy);
+        a region that is already cached is returned from the cache either way.
+        """
+        w = self._cache.get(rid)
+        if w is None:
             codec, q = self.quantized(rid)
             w = codec.dequantize(q).astype(np.float32, copy=False)
             if self.regions[rid]["kind"] == "vector":
                 w = w.reshape(-1)
-            self._cache[rid] = np.ascontiguousarray(w)
-        return self._cache[rid]
+            w = np.ascontiguousarray(w)
+            if cache:
+                self._cache[rid] = w
+        return w

@@ -34,6 +34,11 @@ class Sram:
         view = self.bytes[kv["offset"] : kv["offset"] + kv["bytes"]].view(KV_DTYPES[self.kv_format])
         self.kv = view.reshape(cfg["num_layers"], 2, kv["max_context"], kv_dim)
         self.max_context = kv["max_context"]
+        # What attention reads: the stored cache as float32. For fp32 it is the stored words themselves; for
+        # fp16/fp8 a decoded copy that store_kv refreshes for the rows it has just written (decoded from the
+        # stored bytes, which stay the source of truth), so a step decodes its new rows, not the whole context.
+        # np.zeros leaves untouched pages unmapped: the copy costs memory only for the positions used.
+        self._kv_f32 = self.kv if self.kv.dtype == np.float32 else np.zeros(self.kv.shape, np.float32)
         self.adapter: str | None = None
         self.lora: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
 
@@ -83,6 +88,9 @@ class Sram:
             k, v = np.clip(k, -FP8_MAX, FP8_MAX), np.clip(v, -FP8_MAX, FP8_MAX)
         self.kv[layer, 0, pos0:end] = k
         self.kv[layer, 1, pos0:end] = v
+        if self._kv_f32 is not self.kv:
+            self._kv_f32[layer, :, pos0:end] = self.kv[layer, :, pos0:end]
 
     def read_kv(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        return (self.kv[layer, 0, :end].astype(np.float32), self.kv[layer, 1, :end].astype(np.float32))
+        """K and V of positions [0, end) as float32 [end, kv_dim] (read-only views: do not write to them)."""
+        return self._kv_f32[layer, 0, :end], self._kv_f32[layer, 1, :end]

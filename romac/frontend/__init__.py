@@ -14,7 +14,7 @@ from romac.ir import LoraAdapter, Model
 
 
 def detect(spec: str | None) -> str:
-    """What kind of checkpoint ``spec`` names: builtin, hf."""
+    """What kind of checkpoint ``spec`` names: builtin, hf, gguf (by its magic bytes, not only its name), onnx."""
     if spec in (None, "", "builtin"):
         return "builtin"
     path = Path(spec)
@@ -28,11 +28,39 @@ def detect(spec: str | None) -> str:
             where=str(path),
             hint="point at the folder save_pretrained wrote",
         )
+    from romac.frontend.gguf import GGUF_MAGIC, is_gguf
+
+    if is_gguf(path):
+        return "gguf"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() == ".gguf":
+        raise RomacError(f"named .gguf but does not start with the GGUF magic bytes {GGUF_MAGIC!r}", where=str(path))
     raise RomacError(
         f"unsupported model file type {path.suffix or '(none)'}",
         where=str(path),
-        hint="supported: a Hugging Face checkpoint directory (config.json + *.safetensors)",
+        hint="supported: a Hugging Face checkpoint directory (config.json + *.safetensors), a .gguf file, an .onnx graph",
     )
+
+
+def describe(spec: str | None, kind: str | None = None) -> str:
+    """A short description of what ``spec`` is, for ``romac compile`` to say what it found (header only)."""
+    kind = kind or detect(spec)
+    if kind == "gguf":
+        from romac.frontend.gguf import describe_gguf
+
+        return describe_gguf(spec)
+    if kind == "onnx":
+        from romac.frontend.onnx_model import describe_onnx
+
+        return describe_onnx(spec)
+    if kind == "builtin":
+        return "the built-in model (2-layer LLaMA, GQA) with its built-in LoRA adapter"
+    if kind == "hf":
+        from romac.frontend.bnb import describe_bnb
+
+        return describe_bnb(spec) or f"{kind} checkpoint {spec}"
+    return f"{kind} checkpoint {spec}"
 
 
 def load_model(spec: str | None, with_builtin_adapter: bool = True) -> Model:
@@ -42,9 +70,28 @@ def load_model(spec: str | None, with_builtin_adapter: bool = True) -> Model:
         from romac.frontend.builtin import builtin_model
 
         return builtin_model(with_adapter=with_builtin_adapter)
+    if kind == "gguf":
+        from romac.frontend.gguf import load_gguf
+
+        return load_gguf(spec)
+    if kind == "onnx":  # a tokenizer.json beside the graph (as HF/optimum exports leave it) comes along
+        from romac.frontend.onnx_model import load_onnx_model
+
+        return with_dir_tokenizer(load_onnx_model(spec), Path(spec).parent)
     from romac.frontend.hf import load_hf_checkpoint
 
-    return load_hf_checkpoint(spec)
+    return with_dir_tokenizer(load_hf_checkpoint(spec), spec)
+
+
+def with_dir_tokenizer(model: Model, directory: str | Path) -> Model:
+    """The model carrying the ``tokenizer.json`` of its checkpoint directory, when there is one."""
+    from romac.frontend.tokenizer import from_hf_dir
+
+    found = from_hf_dir(directory)
+    if found is None:
+        return model
+    text, desc = found
+    return dataclasses.replace(model, tokenizer=text, source={**model.source, "tokenizer": desc})
 
 
 def attach_adapters(model: Model, specs: Sequence[str]) -> Model:
@@ -54,7 +101,9 @@ def attach_adapters(model: Model, specs: Sequence[str]) -> Model:
     adapters: list[LoraAdapter] = list(model.adapters)
     for spec in specs:
         name, path = parse_adapter_arg(spec)
-        if any(a.name == name for a in adapters):
-            raise RomacError(f"two adapters are named {name!r}", where="--adapter", hint="give each a distinct NAME=PATH")
+        same = [a.name for a in adapters if a.name.lower() == name.lower()]  # sram/<name>.bin, on any file system
+        if same:
+            what = f"named {name!r}" if same[0] == name else f"named {same[0]!r} and {name!r} (the same file name on case-insensitive file systems)"
+            raise RomacError(f"two adapters are {what}", where="--adapter", hint="give each a distinct NAME=PATH")
         adapters.append(load_peft_adapter(path, name, model.config))
     return dataclasses.replace(model, adapters=tuple(adapters))

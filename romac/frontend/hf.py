@@ -284,8 +284,12 @@ def load_hf_checkpoint(path: str | Path) -> Model:
     qc = raw_cfg.get("quantization_config")
     if qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        if method == "bitsandbytes":  # a QLoRA base saved by transformers + bitsandbytes
+            from romac.frontend.bnb import load_bnb_checkpoint
+
+            return load_bnb_checkpoint(root, raw_cfg)
         raise RomacError(
-            f"checkpoint is quantized (quant_method {method!r}); this front-end reads float checkpoints",
+            f"checkpoint is quantized (quant_method {method!r}); romac reads float and bitsandbytes checkpoints",
             where=str(cfg_path),
         )
     config = parse_hf_config(raw_cfg, where=str(cfg_path))
@@ -328,7 +332,7 @@ def load_hf_checkpoint(path: str | Path) -> Model:
                 f"tensor {key!r} has shape {info.shape}, config.json implies {want}", where=str(f.path)
             )
         weights[name] = LazyWeight(
-            name, info.shape, f.loader(key), source=f"{f.path.name}:{key}", row_loader=f.row_loader(key)
+            name, info.shape, f.loader(key), source=f"{f.path}:{key}", row_loader=f.row_loader(key)
         )
     if config.tie_word_embeddings and "lm_head" in found:
         ignored.append(found["lm_head"][0])

@@ -51,12 +51,23 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
+# Names Windows reserves for devices, whatever the extension: sram/con.bin could not be copied to a Windows host.
+_RESERVED_NAMES = frozenset({"con", "prn", "aux", "nul"} | {f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10)})
+
+
 def check_adapter_name(name: str) -> str:
     """Return ``name`` if it is a safe adapter (and file) name, else raise RomacError."""
     if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name):
         raise RomacError(
-            f"adapter name {name!r} is not allowed",
+            f"adapter name {name!r} is not allowed (it names the file sram/<name>.bin)",
+            where="--adapter",
             hint="use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+        )
+    if name.split(".")[0].lower() in _RESERVED_NAMES:
+        raise RomacError(
+            f"adapter name {name!r} is not allowed: {name.split('.')[0]!r} is a reserved device name on Windows",
+            where="--adapter",
+            hint="choose another name",
         )
     return name
 
@@ -65,19 +76,29 @@ def sanitize_adapter_name(raw: str) -> str:
     """Turn an arbitrary string (a directory name) into a valid adapter name."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
     s = re.sub(r"^[^A-Za-z0-9]+", "", s)[:64]
+    stem = s.split(".")[0]
+    if stem.lower() in _RESERVED_NAMES:
+        s = (stem + "_" + s[len(stem):])[:64]
     return s or "adapter"
 
 
 def parse_adapter_arg(arg: str) -> tuple[str, Path]:
-    """Parse ``NAME=PATH`` or a bare ``PATH`` (named after its directory, sanitised)."""
+    """Parse ``NAME=PATH`` or a bare ``PATH`` (named after its directory, sanitised).
+
+    A NAME must be a safe file name. ``NAME=PATH`` whose NAME holds a '/' (``../x=DIR``, ``a/b=DIR``) or is empty
+    is refused when DIR exists and ARG as a whole does not; otherwise ARG is taken as a bare path that happens
+    to contain '=' (``./runs/lr=3e-4``).
+    """
     if not arg:
-        raise RomacError("empty --adapter argument", hint="use --adapter NAME=PATH or --adapter PATH")
+        raise RomacError("empty --adapter argument", where="--adapter", hint="use --adapter NAME=PATH or --adapter PATH")
     name, sep, rest = arg.partition("=")
     if sep and name and "/" not in name and "\\" not in name:
         if not rest:
-            raise RomacError(f"--adapter {arg!r} has no path after '='", hint="use --adapter NAME=PATH")
+            raise RomacError(f"--adapter {arg!r} has no path after '='", where="--adapter", hint="use --adapter NAME=PATH")
         return check_adapter_name(name), Path(rest)
     path = Path(arg)
+    if sep and rest and not path.exists() and Path(rest).exists():
+        check_adapter_name(name)  # an unsafe NAME in NAME=PATH: refused, never a path to write through
     base = path.resolve().name if path.name in ("", ".", "..") else path.name
     return sanitize_adapter_name(base), path
 
@@ -222,7 +243,7 @@ def load_peft_adapter(path: str | Path, name: str, config: ModelConfig) -> LoraA
                     hint="adapter made for another base?",
                 )
             handles.append(
-                LazyWeight(f"{tname}.lora_{which}", info.shape, f.loader(key), source=f"{st_path.name}:{key}")
+                LazyWeight(f"{tname}.lora_{which}", info.shape, f.loader(key), source=f"{st_path}:{key}")
             )
         weights[tname] = (handles[0], handles[1])
     return LoraAdapter(name, rank, alpha, rslora, weights, source=str(root))
