@@ -51,8 +51,10 @@ class GoldenModel:
         lora_format: str = "fp32",
         kv_format: str = "fp32",
         adapter: str | None = None,
+        keep_weights: bool = True,
     ) -> None:
         self.model = model
+        self.keep_weights = keep_weights  # False: read each weight when used (one pass over a big model)
         self.cfg = model.config
         self.formats = formats
         self.kv_format = kv_format
@@ -79,7 +81,9 @@ class GoldenModel:
             else:
                 x = np.asarray(handle.load(), np.float32)
                 q = codec.quantize(x if x.ndim == 2 else x.reshape(1, -1))
-            w = self._w[name] = codec.dequantize(q).astype(np.float64).reshape(handle.shape)
+            w = codec.dequantize(q).astype(np.float64).reshape(handle.shape)
+            if self.keep_weights:
+                self._w[name] = w
         return w
 
     def _linear(self, x: np.ndarray, layer: int, module: str) -> np.ndarray:

@@ -39,6 +39,10 @@ TEXT_TOKENS = 320
 # INT4 0.63 with an INT8 embedding/head; INT2 g128 destroys a 135M model without calibration: ~0.01).
 MIN_AGREEMENT = {"nf4": 0.55, "int4": 0.55, "int2": 0.0}
 EMBEDDING = "int8"  # embedding / tied LM head format for every run (a quarter of SmolLM2's weights)
+# Emulator (float32) against golden (float64). INT2 g128 leaves SmolLM2 so ill-conditioned that float32 rounding
+# is amplified ~100x: two emulator runs differing only in BLAS summation order (1 vs 2 threads) disagree by
+# 5.2e-4 relative on 24 tokens (INT4: 4.3e-6), so 1e-5 is out of reach of any float32 datapath there.
+TOLERANCE = {"nf4": 1e-5, "int4": 1e-5, "int2": 2e-3}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def test_emulator_matches_golden(compiled, text_ids, fmt):
                     prompt=text_ids[:24], with_onnx=False)
     assert [c.adapter for c in checks] == [None, "lora"]
     for c in checks:
-        assert c.relative_error <= 1e-5, c
+        assert c.relative_error <= TOLERANCE[fmt], c
         assert c.tokens == c.golden_tokens, c
 
 

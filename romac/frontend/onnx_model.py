@@ -3,8 +3,8 @@
 Steps: check the file and its external data (``onnx_graph``); recognise the decoder by its op patterns
 (``onnx_patterns``); run the graph once on a probe prompt with onnxruntime to read what the patterns cannot
 show — the head size and RoPE frequencies, from the cos/sin tensors the graph feeds its rotary embedding;
-build the config and lazy weight handles; and finally check the result: the IR's own FP32 graph
-(``romac.onnx_reference``) must give the same logits as the user's graph on the probe prompt. A graph that
+build the config and lazy weight handles; and finally check the result: the golden model's FP32 forward pass
+of the recognised IR (``romac.reference``) must give the same logits as the user's graph on the probe prompt. A graph that
 computes something else (a non-causal mask, a different norm) is refused, never compiled wrongly.
 """
 
@@ -23,7 +23,7 @@ from romac.frontend.onnx_patterns import Decoder, recognise
 from romac.ir import ArrayWeight, Model, ModelConfig, make_model, projection_tensor
 
 PROBE_TOKENS = 8
-SELF_CHECK_MAX_BYTES = 6 << 30  # FP32 weights above this are not rebuilt for the self-check (memory)
+SELF_CHECK_MAX_PARAMS = 4_000_000_000  # above: the float64 forward would take minutes; skipped (romac verify remains)
 SELF_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # relative logit error: op order, and fp16 graphs' rounding
 
 
@@ -92,20 +92,30 @@ def _probe(g: OnnxGraph, dec: Decoder) -> dict[str, np.ndarray]:
     vocab = int(g.initializers[dec.embedding].dims[0])
     tokens = np.random.default_rng(0).integers(0, vocab, size=(1, PROBE_TOKENS), dtype=np.int64)
     cos, sin = dec.layers[0].attention.cos, dec.layers[0].attention.sin
+    # A copy of the graph with extra outputs, its weights turned into inputs: the copy stays small, and the
+    # weights are fed from where they lie (the protobuf or the memory-mapped external file).
     proto = onnx.ModelProto()
-    proto.CopyFrom(g.proto)
-    del proto.graph.output[:]
+    proto.ir_version = g.proto.ir_version
+    proto.opset_import.extend(g.proto.opset_import)
+    graph = proto.graph
+    graph.node.extend(g.proto.graph.node)
+    graph.input.extend(g.proto.graph.input)
+    weights = {}
+    for t in g.initializers.values():
+        if g.numel(t) > 1024:
+            weights[t.name] = g.tensor(t.name) if t.data_type == onnx.TensorProto.FLOAT else _native(g, t)
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            graph.initializer.append(t)
     wanted = [dec.final_hidden, cos, sin]
     for name in wanted:
-        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = max(1, min(2, os.cpu_count() or 1))
-    # the copy is run from memory; its external data is read where it lies, in the model's directory
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(g.base))
     try:
         sess = ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        out = sess.run(wanted, _feeds(g, dec, tokens))
+        out = sess.run(wanted, {**_feeds(g, dec, tokens), **weights})
     except RomacError:
         raise
     except Exception as e:
@@ -113,6 +123,18 @@ def _probe(g: OnnxGraph, dec: Decoder) -> dict[str, np.ndarray]:
                          where=str(g.path), hint="check that the file runs in onnxruntime") from None
     return {"tokens": tokens[0], "hidden": np.asarray(out[0], np.float32).reshape(PROBE_TOKENS, -1),
             "cos": np.asarray(out[1], np.float64), "sin": np.asarray(out[2], np.float64)}
+
+
+def _native(g: OnnxGraph, t) -> np.ndarray:
+    """An initializer in its own element type (fp16 stays fp16, bf16 as ml_dtypes), as the graph expects it."""
+    a = g.tensor(t.name)
+    if t.data_type == 10:
+        return a.astype(np.float16)
+    if t.data_type == 16:
+        import ml_dtypes
+
+        return a.astype(ml_dtypes.bfloat16)
+    return np.asarray(a)
 
 
 def _rope(g: OnnxGraph, probe: dict) -> tuple[int, np.ndarray]:
@@ -221,13 +243,17 @@ def _weights(g: OnnxGraph, dec: Decoder, config: ModelConfig) -> dict:
 
 def _self_check(g: OnnxGraph, model: Model, probe: dict) -> None:
     """The recognised model must compute what the graph computes (FP32, the probe prompt)."""
-    from romac.onnx_reference import OnnxReference
+    from romac.codecs import get_codec
+    from romac.ir import stored_tensors
+    from romac.reference import GoldenModel
 
     cfg = model.config
     n_params = sum(int(np.prod(h.shape)) for h in model.weights.values())
-    if 4 * n_params > SELF_CHECK_MAX_BYTES:
+    if n_params > SELF_CHECK_MAX_PARAMS:
         return
-    ours = OnnxReference(model).logits(probe["tokens"].tolist())
+    fp32 = get_codec("fp32").spec()
+    golden = GoldenModel(model, {name: fp32 for name in stored_tensors(cfg)}, keep_weights=False)
+    ours = golden.logits(probe["tokens"].tolist())
     # the graph's logits may cover the last positions only; its final hidden states cover all of them
     head = model.weights["embed_tokens" if cfg.tie_word_embeddings else "lm_head"].load()
     theirs = probe["hidden"] @ head.T
