@@ -7,8 +7,9 @@ Guarantees: ``tensors[name]`` has ``codec`` (a spec for ``romac.codecs.get_codec
 gains the target's ``norms`` format, and the RoPE table fp32. nf4/fp4 take the bitsandbytes parameters of
 the options (``--bnb-blocksize``, ``--[no-]double-quant``, ``--bnb-threads``; default 64, on, 1).
 A weight that arrives already quantized (a handle with ``codec_spec`` and ``load_quantized()``: a bitsandbytes
-checkpoint) keeps its own format, so its codes reach ROM untouched — unless the user names another format for
-it (``--quant`` / ``--quant-embedding`` giving a different spec): then its dequantized values are re-quantized.
+checkpoint) keeps its own format, so its codes reach ROM untouched — unless the user names a format for it
+(``--quant`` / ``--quant-embedding``): then that spec is used, and the emitter passes the stored codes through
+only if it is the stored one; any other format re-quantizes the dequantized values.
 Passing the nf4/fp4 parameters when no tensor is quantized to nf4/fp4 from floats is an error (they would do
 nothing).
 No weight data is read: the codes are computed by the emitter, one matrix at a time.

@@ -237,7 +237,7 @@ def _lookup_table(values: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np
     return np.where(lo == hi, lo, np.uint8(255)).astype(np.uint8), bounds
 
 
-_TABLES: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_LOOKUP_TABLES: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 class Bnb4bitCodec(Codec):
@@ -261,11 +261,11 @@ class Bnb4bitCodec(Codec):
         self.values = NF4_VALUES if name == "nf4" else FP4_VALUES
         self.order = np.arange(16, dtype=np.uint8) if name == "nf4" else _FP4_ORDER
         self.pad_code = int(self.order[7])       # code bnb gives 0.0 (its pad for an odd element count)
-        if name not in _TABLES:   # 65536-entry table: built once per format, not per codec object
-            _TABLES[name] = _lookup_table(self.values, self.order)
-            for a in _TABLES[name]:
+        if name not in _LOOKUP_TABLES:   # 65536-entry table: built once per format, not per codec object
+            _LOOKUP_TABLES[name] = _lookup_table(self.values, self.order)
+            for a in _LOOKUP_TABLES[name]:
                 a.flags.writeable = False
-        self._table, self._bounds = _TABLES[name]
+        self._table, self._bounds = _LOOKUP_TABLES[name]
 
     def spec(self) -> dict:
         s = {"format": self.name, "blocksize": self.group, "double_quant": self.double_quant}

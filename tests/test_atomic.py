@@ -92,7 +92,8 @@ def _compile_and_signal(args: list, out: Path, sig: int) -> subprocess.Completed
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     try:
-        while not temporaries(out.parent, out.name):
+        # wait until it is writing bank images (worker threads busy), not merely created its temporary
+        while not any((t / "rom").is_dir() and any((t / "rom").iterdir()) for t in temporaries(out.parent, out.name)):
             assert proc.poll() is None, f"the compile ended before it was interrupted:\n{proc.communicate()[1]}"
             assert time.monotonic() < deadline, "the compile never started writing"
             time.sleep(0.002)
@@ -253,6 +254,25 @@ def test_two_renames_put_the_old_output_back_if_the_second_fails(tmp_path, monke
     with pytest.raises(RomacError, match="cannot move"):
         atomic.install(missing, out, "out", force=True)
     assert (out / "x").read_text() == "old"
+
+
+def test_ctrl_c_is_held_over_the_steps_that_must_not_be_cut(tmp_path, monkeypatch):
+    """An interrupt right after the temporary is created still finds it recorded, so it is cleaned up."""
+    import signal as sig
+
+    created: list[Path] = []
+    real_mkdtemp = atomic.tempfile.mkdtemp
+
+    def mkdtemp_then_ctrl_c(*a, **k):
+        d = real_mkdtemp(*a, **k)
+        os.kill(os.getpid(), sig.SIGINT)  # arrives between mkdtemp and the bookkeeping
+        return d
+
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", mkdtemp_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.make_temporary(tmp_path / "out", "out", created)
+    assert len(created) == 1 and created[0].is_dir()
+    assert sig.getsignal(sig.SIGINT) is sig.default_int_handler
 
 
 def test_stale_temporaries_are_cleaned_only_when_their_process_is_gone(tmp_path):

@@ -61,7 +61,7 @@ def ort_logits(path: Path, ids: list[int]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fp32_logits(text_ids) -> dict:
     """onnxruntime on torch.onnx exports of the FP32 model: without the adapter, and with it merged."""
-    return {None: ort_logits(onnx_exports.onnx_export("dynamo"), text_ids),
+    return {None: ort_logits(onnx_exports.onnx_export("legacy"), text_ids),
             "lora": ort_logits(onnx_exports.onnx_export("legacy", adapter=True), text_ids)}
 
 
@@ -72,7 +72,7 @@ def compiled(tmp_path_factory):
     done: dict = {}
     sources = {
         "hf": lambda: str(smollm2.hf_fp32()),
-        "onnx": lambda: str(onnx_exports.onnx_export("dynamo")),
+        "onnx": lambda: str(onnx_exports.onnx_export("legacy")),
         "gguf": lambda: str(smollm2.gguf_file()),
         "bnb": lambda: str(smollm2.bnb_checkpoint("nf4", True)),
     }

@@ -21,11 +21,14 @@ process named in it is gone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from romac.artifacts import MANIFEST, TEMP_NAME
@@ -89,11 +92,34 @@ def check_destination(path: Path, shown: str, force: bool) -> None:
         )
 
 
-def make_temporary(path: Path, shown: str) -> Path:
-    """Create the temporary sibling (with the permissions a normal mkdir would give, not mkdtemp's 0700)."""
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C (SIGINT) over a few system calls that must not be cut in two: the KeyboardInterrupt is raised
+    when the block is done, never inside it. Only where Python's default handler is in place (the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def make_temporary(path: Path, shown: str, created: list[Path]) -> Path:
+    """Create the temporary sibling (with the permissions a normal mkdir would give, not mkdtemp's 0700).
+
+    It is appended to ``created`` in the same uninterruptible step, so the caller can always clean it up.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "partial"), dir=path.parent))
+        with sigint_deferred():
+            tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "partial"), dir=path.parent))
+            created.append(tmp)
     except OSError as e:
         raise RomacError(f"cannot create the output directory ({e.strerror})", where=shown) from None
     umask = os.umask(0o022)
@@ -127,26 +153,33 @@ def remove_tree(tree: Path) -> None:
 
 
 def install(tmp: Path, path: Path, shown: str, force: bool) -> None:
-    """Move the complete directory ``tmp`` to ``path`` as described in the module docstring."""
+    """Move the complete directory ``tmp`` to ``path`` as described in the module docstring.
+
+    The renames run with Ctrl-C held (:func:`sigint_deferred`), so an interrupt never falls between them.
+    """
     try:
         if not os.path.lexists(path):
-            if not _renameat2(tmp, path, _RENAME_NOREPLACE):
-                if os.path.lexists(path):
-                    raise FileExistsError(errno.EEXIST, "exists", str(path))
-                os.rename(tmp, path)
+            with sigint_deferred():
+                if not _renameat2(tmp, path, _RENAME_NOREPLACE):
+                    if os.path.lexists(path):
+                        raise FileExistsError(errno.EEXIST, "exists", str(path))
+                    os.rename(tmp, path)
             return
         check_destination(path, shown, force)  # again: it may have changed while compiling
-        if _renameat2(tmp, path, _RENAME_EXCHANGE):
+        with sigint_deferred():
+            exchanged = _renameat2(tmp, path, _RENAME_EXCHANGE)
+        if exchanged:
             remove_tree(tmp)  # tmp now holds the old output
             return
         old = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=path.parent))
         try:
-            os.rename(path, old / "old")
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old / "old", path)  # put the old output back
-                raise
+            with sigint_deferred():
+                os.rename(path, old / "old")
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old / "old", path)  # put the old output back
+                    raise
             remove_tree(old / "old")
         finally:
             try:

@@ -272,8 +272,9 @@ def emit(model: Model, out: str | Path, *, force: bool = False, progress: bool =
     path = Path(os.path.abspath(out))  # '.' or 'a/..' resolved, so that the temporary is a true sibling
     atomic.check_destination(path, shown, force)
     atomic.clean_stale_temporaries(path)
-    tmp = atomic.make_temporary(path, shown)
+    created: list[Path] = []  # the temporary, recorded the moment it exists (even if Ctrl-C comes right then)
     try:
+        tmp = atomic.make_temporary(path, shown, created)
         try:
             _write_all(model, tmp, progress)
         except OSError as e:  # the disk, not romac: a full or read-only file system, a vanished input
@@ -283,7 +284,8 @@ def emit(model: Model, out: str | Path, *, force: bool = False, progress: bool =
             raise RomacError(f"cannot read ({e.strerror})", where=name or shown) from None
         atomic.install(tmp, path, shown, force)
     except BaseException:
-        atomic.remove_tree(tmp)
+        for t in created:
+            atomic.remove_tree(t)
         raise
     return Path(out)
 

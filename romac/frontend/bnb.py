@@ -36,6 +36,7 @@ romac number format of their own: their weights load as bitsandbytes dequantizes
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -171,13 +172,18 @@ def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
     return out[:n]
 
 
-def _int8_loader(f: SafetensorsFile, key: str, scb: SafetensorsFile, scb_key: str):
-    def rows(start: int, stop: int) -> np.ndarray:
-        a = f.raw(key)[start:stop].astype(f32)
-        s = scb.raw(scb_key)[start:stop]
-        return (a * s[:, None]) * _INT8_RECIPROCAL
+@dataclass(frozen=True)
+class _Int8Rows:
+    """Rows [start, stop) of an LLM.int8 weight, dequantized as bitsandbytes does (a picklable callable)."""
 
-    return rows
+    file: SafetensorsFile
+    key: str
+    scb: SafetensorsFile
+    scb_key: str
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        a = self.file.raw(self.key)[start:stop].astype(f32)
+        return (a * self.scb.raw(self.scb_key)[start:stop, None]) * _INT8_RECIPROCAL
 
 
 class _Checkpoint:
@@ -238,7 +244,7 @@ def _bnb4_weight(ck: _Checkpoint, name: str, weight_key: str, qs_key: str, want:
     if qt != suffix_type:
         raise field_error("quant_type", f"is {qt!r} but the tensor name says {suffix_type!r}")
     bs = state["blocksize"]
-    if isinstance(bs, bool) or bs not in BNB_BLOCKSIZES:
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs not in BNB_BLOCKSIZES:
         raise field_error("blocksize", f"is {bs!r}", f"bitsandbytes allows {', '.join(map(str, BNB_BLOCKSIZES))}")
     if state["dtype"] not in _DTYPES:
         raise field_error("dtype", f"is {state['dtype']!r}", f"expected one of {', '.join(_DTYPES)}")
@@ -319,8 +325,8 @@ def _int8_weight(ck: _Checkpoint, name: str, key: str, want: tuple[int, ...]) ->
         if v.size != 1 or int(v[0]) != 0:
             raise ck.bad(fmt_key, f"is {v.tolist()}; only the 'row' layout (0) is a portable 8-bit weight",
                          hint="save the model from the CPU, or with bitsandbytes >= 0.45")
-    rows = _int8_loader(f, key, scb, f"{module}.SCB")
-    return LazyWeight(name, want, lambda: rows(0, want[0]), source=f"{f.path.name}:{key}", row_loader=rows)
+    rows = _Int8Rows(f, key, scb, f"{module}.SCB")
+    return LazyWeight(name, want, functools.partial(rows, 0, want[0]), source=f"{f.path.name}:{key}", row_loader=rows)
 
 
 def load_bnb_checkpoint(root: Path, raw_cfg: Mapping[str, Any], key_files: Mapping[str, SafetensorsFile] | None = None) -> Model:
@@ -354,8 +360,7 @@ def load_bnb_checkpoint(root: Path, raw_cfg: Mapping[str, Any], key_files: Mappi
         if last in _4BIT_PARTS and base.endswith(".weight"):
             orphans.setdefault(base, key)
             continue
-        if last in ("SCB", "weight_format"):
-            orphans.setdefault(f"{base}.weight", key)
+        if last in ("SCB", "weight_format"):  # LLM.int8 parts; checked with their I8 weight
             continue
         name = canonical_name(key)
         if name is None:
