@@ -11,6 +11,7 @@ the adapter rows). Prints a markdown table and the NF4 greedy continuation of "T
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ def main() -> None:
              "onnxruntime on a torch.onnx export of the FP32 model (adapter merged for the adapter rows); FP32 "
              f"perplexity {_perplexity(ref[None], toks):.2f} without the adapter, {_perplexity(ref['lora'], toks):.2f} with it.",
              "",
-             "| weights (projections) | embedding / LM head | adapter | perplexity | top-1 agreement vs FP32 | KL vs FP32 (nats, mean) | ROM MiB |",
+             "| weights (projections) | embedding / LM head | adapter | perplexity | top-1 agreement vs FP32 | KL vs FP32 (nats, mean) | ROM used (MiB) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     continuation = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +64,7 @@ def main() -> None:
             t0 = time.perf_counter()
             compile_checkpoint(str(smollm2.hf_fp32()), out, [f"lora={smollm2.adapter()}"], TARGET,
                                CompileOptions(quant=fmt, quant_embedding=emb))
-            rom_mib = sum(p.stat().st_size for p in (out / "rom").iterdir()) / 2**20
+            rom_mib = json.loads((out / "report.json").read_text())["rom"]["used_bytes"] / 2**20
             machine = Machine(out)
             for adapter in (None, "lora"):
                 machine.reset(adapter=adapter)
