@@ -379,30 +379,5 @@ def test_malformed_through_cli_and_config(bnb_ckpts, tmp_path, capsys):
     with pytest.raises(RomacError, match="quant_method 'gptq'.*float and bitsandbytes"):
         load_model(str(bad))
 
-
-# ------------------------------------------------------------------------------ the real model
-@pytest.mark.slow
-def test_smollm2_bnb_nf4_same_rom_and_verify(tmp_path):
-    """SmolLM2-135M: bnb NF4 (double quant) == FP32 --quant nf4, byte for byte; emulator == golden with the adapter."""
-    from romac.emulator import Machine
-    from romac.reference import relative_error
-    from romac.verify import default_prompt, source_model
-    from tests.fixtures import smollm2
-
-    target = str(Path(__file__).resolve().parents[1] / "benchmarks" / "targets" / "bench-1g.toml")
-    bnb_dir, fp_dir, spec = smollm2.bnb_checkpoint("nf4", True), smollm2.hf_fp32(), [f"chat={smollm2.adapter()}"]
-    compile_checkpoint(str(fp_dir), tmp_path / "fp", spec, target, CompileOptions(quant="nf4"))
-    compile_checkpoint(str(bnb_dir), tmp_path / "bnb", spec, target)
-    assert_same_images(tmp_path / "fp", tmp_path / "bnb")
-    # what `romac verify --model BNB --adapter chat=...` checks, for the adapter only (the base is checked above
-    # on the small models; a second float64 golden pass over 135M weights would double the time)
-    machine = Machine(tmp_path / "bnb", adapter="chat")
-    manifest = machine.manifest
-    model = source_model(manifest, str(bnb_dir), spec)
-    prompt = default_prompt(model.config.vocab_size, model.config.bos_token_id)
-    new, logits = machine.generate(prompt, 8)
-    formats = {r["name"]: r["codec"] for r in manifest["regions"] if "constants_of" not in r}
-    golden = GoldenModel(model, formats, manifest["sram"]["lora_format"], manifest["sram"]["kv"]["format"], adapter="chat")
-    ref = golden.logits(prompt + new)
-    assert relative_error(logits, ref) <= 1e-5
-    assert new == [int(t) for t in np.argmax(ref[len(prompt) - 1 : -1], axis=-1)]
+# The real model (SmolLM2's bnb NF4 checkpoint: same ROM as FP → NF4, and verified against golden) is in
+# tests/test_real_model.py with the other input kinds.
