@@ -6,8 +6,8 @@ FP32 ONNX export with KV cache (torch.onnx.export, dynamo), in the same run.
 The real model and adapter come from the test fixtures (tests/fixtures/smollm2.py, cached in
 ``$ROMAC_TEST_CACHE`` or ``~/.cache/romac-tests``; the first run builds them, the ONNX export takes minutes).
 For each ``--quant`` the FP32 checkpoint plus its LoRA adapter (r=8, all seven projections) is compiled onto
-``benchmarks/targets/bench-1g.toml`` and run by the emulator with the adapter resident (``Machine(threads=1)``,
-the default). onnxruntime runs the FP32 base model (the adapter makes no difference to its speed; ``--onnx-adapter``
+``benchmarks/targets/bench-1g.toml`` and run by the emulator with the adapter resident, with ``Machine(threads=1)``
+(the default) and ``threads=2`` (decode products split over two threads; bit-identical). onnxruntime runs the FP32 base model (the adapter makes no difference to its speed; ``--onnx-adapter``
 uses the export with the adapter merged), once with its default intra-op threads and once with one.
 
 Each measurement: prefill the prompt (the first ``--prompt-tokens`` tokens of real English text), then
@@ -31,11 +31,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 
-def emulator_run(art: Path, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
+def emulator_run(art: Path, threads: int, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
     """(prefill s, decode tokens/s, generated ids) on a freshly loaded Machine (ROM decoded before timing)."""
     from romac.emulator import Machine
 
-    m = Machine(art, adapter="chat")
+    m = Machine(art, adapter="chat", threads=threads)
     m.step([prompt[0]])  # decodes every ROM region once
     m.reset()
     t0 = time.perf_counter()
@@ -70,6 +70,8 @@ def fmt(values: list[float], digits: int = 1) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quant", action="append", default=None, help="romac --quant for the emulator (repeatable)")
+    ap.add_argument("--threads", type=int, action="append", default=None,
+                    help="Machine(threads=...) for the emulator (repeatable; default 1 and 2)")
     ap.add_argument("--tokens", type=int, default=64, help="decode steps")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the table shows the median")
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/romac-bench"))
     args = ap.parse_args()
     quants = args.quant or ["int4", "nf4"]
+    threads = args.threads or [1, 2]
 
     from romac.driver import compile_checkpoint
     from romac.passes import CompileOptions
@@ -94,8 +97,8 @@ def main() -> None:
         print(f"compiled {q} in {time.perf_counter() - t0:.1f} s -> {out}", flush=True)
         arts[q] = out
 
-    engines: list[tuple[str, object]] = [(f"romac emulator, {q} + LoRA r8 (1 BLAS thread)", ("emu", arts[q]))
-                                         for q in quants]
+    engines: list[tuple[str, object]] = [(f"romac emulator, {q} + LoRA r8, threads={t}", ("emu", (arts[q], t)))
+                                         for q in quants for t in threads]
     if not args.no_onnx:
         from tests.fixtures.onnx_exports import export_info, onnx_export, ort_session
 
@@ -111,7 +114,7 @@ def main() -> None:
     for r in range(args.repeat):
         for name, (kind, obj) in engines:
             if kind == "emu":
-                pf, tps, ids = emulator_run(obj, prompt, args.tokens)
+                pf, tps, ids = emulator_run(*obj, prompt, args.tokens)
             else:
                 pf, tps, ids = ort_run(obj, prompt, args.tokens)
             results[name]["prefill"].append(len(prompt) / pf)

@@ -83,3 +83,17 @@ def test_context_overflow_is_a_clear_error(compile_small):
     m.step(list(range(1, 8)))
     with pytest.raises(RomacError, match="exceed"):
         m.step([1, 2])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_matvec_bit_identical(compile_small, threads):
+    """threads > 1 splits decode products over helper threads; the logits must not change by a bit."""
+    model = small_model(small_config(vocab_size=256), adapters=1)  # every width a multiple of 64: all split
+    out = compile_small(model)
+    prompt = [5, 17, 29, 41]
+    want_new, want = Machine(out, adapter="ad0").generate(prompt, 6)
+    m = Machine(out, adapter="ad0", threads=threads)
+    m.split_bytes = 0  # split every product, whatever its size
+    new, got = m.generate(prompt, 6)
+    assert new == want_new
+    np.testing.assert_array_equal(got, want)

@@ -12,6 +12,8 @@ whatever kills the compile (an error, SIGINT, SIGKILL, a power cut before the re
   is absent (never half-old, half-new); an error between them puts the old output back.
 * ``--force`` replaces only a romac artifact directory (one holding ``manifest.json``) or an empty directory,
   never a file, a link or some other directory (``--out . --force`` must not delete a source tree).
+* Ctrl-C (SIGINT) deletes the temporary and leaves the path as it was; it is held over the few system calls
+  that must not be cut in two (creating and recording the temporary, the renames), see :func:`sigint_deferred`.
 
 A temporary is never mistaken for an output: it has a hidden name (:data:`romac.artifacts.TEMP_NAME`), which
 :func:`romac.artifacts.open_artifacts` refuses; its manifest is written last and deleted first. A temporary
@@ -79,7 +81,8 @@ def check_destination(path: Path, shown: str, force: bool) -> None:
     if not force:
         raise RomacError("output already exists", where=shown, hint="pass --force to replace it, or choose another --out")
     if path.is_symlink() or not path.is_dir():
-        raise RomacError("output exists and is not a directory; --force replaces only an artifact directory", where=shown)
+        raise RomacError("output exists and is a file or a symbolic link; --force replaces only an artifact directory",
+                         where=shown)
     try:
         empty = not any(path.iterdir())
     except OSError as e:

@@ -7,6 +7,9 @@ decode: one token), appending their K and V to the cache in SRAM and returning t
 
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +24,26 @@ from romac.emulator.sram import Sram
 from romac.errors import RomacError
 
 
+def _helper(jobs: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
+    """A helper thread: computes ``out = x @ w`` blocks until it is handed None (numpy releases the GIL)."""
+    while (job := jobs.get()) is not None:
+        x, w, out = job
+        try:
+            np.matmul(x, w, out=out)
+            done.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            done.put(e)
+
+
+def _stop_helpers(helpers: list) -> None:
+    for jobs, _ in helpers:
+        jobs.put(None)
+
+
 class Machine:
+    #: With threads > 1, single-position products over at least this many bytes of weights are split.
+    split_bytes = 1 << 20
+
     def __init__(self, artifacts: str | Path, adapter: str | None = None, threads: int = 1) -> None:
         self.manifest = open_artifacts(artifacts)
         root = Path(self.manifest["root"])
@@ -37,10 +59,15 @@ class Machine:
         self.buf: dict[int, np.ndarray] = {}
         self.pos0 = 0
         self.sram.load_adapter(adapter)
-        # BLAS threads per step. One is the default: OpenBLAS' spinning threads make small matrix-vector
+        # Threads per step. BLAS always runs with one: OpenBLAS' spinning threads make small matrix-vector
         # products many times slower whenever another process holds a core (measured: docs/performance.md).
+        # With threads > 1, decode steps split their large matrix-vector products by output columns over
+        # that many threads of their own (threads - 1 helpers that block, never spin, while idle).
+        if threads < 1:
+            raise RomacError(f"threads must be at least 1, not {threads}", where="threads")
         self.threads = threads
         self._blas = ThreadpoolController()
+        self._helpers: list[tuple[queue.SimpleQueue, queue.SimpleQueue]] = []
 
     @property
     def adapter(self) -> str | None:
@@ -61,6 +88,36 @@ class Machine:
         if w is None:
             w = self._weights_t[rid] = np.ascontiguousarray(self.rom.value(rid, cache=False).T)
         return w
+
+    def matmul_wt(self, x: np.ndarray, rid: int) -> np.ndarray:
+        """``x @ W^T`` for a matrix region: one BLAS call, or with ``threads > 1`` and a single position, column
+        blocks of it computed at once by the helper threads and this one.
+
+        Only widths that are multiples of 64 are split, into blocks of multiples of 64: OpenBLAS' sgemv then
+        computes each output exactly as the single call does, so the result does not depend on ``threads``
+        (tests/test_emulator.py checks it bit for bit; other widths can differ in the last bit). Prefill
+        (several positions) is never split: a matrix-matrix product's summation order may depend on its width.
+        """
+        w_t = self.weight_t(rid)
+        if self.threads == 1 or x.shape[0] != 1 or w_t.nbytes < self.split_bytes or w_t.shape[1] % 64:
+            return x @ w_t
+        n = w_t.shape[1]
+        cuts = [min(n, (n * k // self.threads) // 64 * 64) for k in range(self.threads + 1)]
+        cuts[-1] = n
+        if not self._helpers:
+            for _ in range(self.threads - 1):
+                pair = (queue.SimpleQueue(), queue.SimpleQueue())
+                threading.Thread(target=_helper, args=pair, name="romac-emulator-helper", daemon=True).start()
+                self._helpers.append(pair)
+            weakref.finalize(self, _stop_helpers, list(self._helpers))
+        y = np.empty((1, n), np.float32)
+        for (jobs, _), lo, hi in zip(self._helpers, cuts, cuts[1:]):
+            jobs.put((x, w_t[:, lo:hi], y[:, lo:hi]))
+        np.matmul(x, w_t[:, cuts[-2]:], out=y[:, cuts[-2]:])
+        errors = [e for _, done in self._helpers if (e := done.get()) is not None]
+        if errors:
+            raise errors[0]
+        return y
 
     def rope_tables(self, rid: int, t: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin [t, head_dim] at positions pos0 .. pos0+t-1 (angles in float64, like the golden model).
@@ -102,7 +159,7 @@ class Machine:
                 hint="recompile with a larger --max-context, or ask for fewer tokens",
             )
         self.buf = {isa.Buf.TOK: ids}
-        with self._blas.limit(limits=self.threads, user_api="blas"):
+        with self._blas.limit(limits=1, user_api="blas"):
             for handler, instr in self._handlers:
                 handler(self, instr)
         self.pos0 += ids.size

@@ -35,7 +35,7 @@ def rmsnorm(m, i: Instr) -> None:
 
 def matvec(m, i: Instr) -> None:
     # y = x @ W^T (+ dst with the accumulate flag)
-    y = m.buf[i.src0] @ m.weight_t(i.a)
+    y = m.matmul_wt(m.buf[i.src0], i.a)
     if i.flags & FLAG_ACCUMULATE:
         y += m.buf[i.dst]
     m.buf[i.dst] = y
