@@ -27,8 +27,20 @@ SELF_CHECK_MAX_PARAMS = 4_000_000_000  # above: the float64 forward would take m
 SELF_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # relative logit error: op order, and fp16 graphs' rounding
 
 
+_LAST: dict = {}  # the last graph opened: `romac compile` describes the file, then loads it
+
+
+def _graph(path: str | Path) -> OnnxGraph:
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    if _LAST.get("key") != key:
+        _LAST.clear()
+        _LAST.update(key=key, graph=OnnxGraph(path))
+    return _LAST["graph"]
+
+
 def load_onnx_model(path: str | Path) -> Model:
-    g = OnnxGraph(path)
+    g = _graph(path)
     dec = recognise(g)
     probe = _probe(g, dec)
     config = _config(g, dec, probe)
@@ -42,7 +54,7 @@ def load_onnx_model(path: str | Path) -> Model:
 
 def describe_onnx(path: str | Path) -> str:
     """One line for ``romac compile``: what the file holds."""
-    g = OnnxGraph(path)
+    g = _graph(path)
     opset = next((o.version for o in g.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     external = sum(1 for t in g.initializers.values() if t.data_location == 1)
     return (f"ONNX graph {path} (opset {opset}, {len(g.nodes)} nodes, {len(g.initializers)} initializers"
