@@ -114,7 +114,7 @@ def _probe(g: OnnxGraph, dec: Decoder) -> dict[str, np.ndarray]:
     graph.input.extend(g.proto.graph.input)
     weights = {}
     for t in g.initializers.values():
-        if g.numel(t) > 1024:
+        if g.numel(t) > 1024 or t.data_location == onnx.TensorProto.EXTERNAL:
             weights[t.name] = g.tensor(t.name) if t.data_type == onnx.TensorProto.FLOAT else _native(g, t)
             graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
