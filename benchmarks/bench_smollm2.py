@@ -6,9 +6,10 @@ FP32 ONNX export with KV cache (torch.onnx.export, dynamo), in the same run.
 The real model and adapter come from the test fixtures (tests/fixtures/smollm2.py, cached in
 ``$ROMAC_TEST_CACHE`` or ``~/.cache/romac-tests``; the first run builds them, the ONNX export takes minutes).
 For each ``--quant`` the FP32 checkpoint plus its LoRA adapter (r=8, all seven projections) is compiled onto
-``benchmarks/targets/bench-1g.toml`` and run by the emulator with the adapter resident, with ``Machine(threads=1)``
-(the default) and ``threads=2`` (decode products split over two threads; bit-identical). onnxruntime runs the FP32 base model (the adapter makes no difference to its speed; ``--onnx-adapter``
-uses the export with the adapter merged), once with its default intra-op threads and once with one.
+``benchmarks/targets/bench-1g.toml`` and run by the emulator with the adapter resident, with
+``Machine(threads=1)`` (the default) and ``threads=2`` (decode products split over two threads; bit-identical).
+onnxruntime runs the FP32 base model (the adapter makes no difference to its speed; ``--onnx-adapter`` uses the
+export with the adapter merged), once with its default intra-op threads and once with one.
 
 Each measurement: prefill the prompt (the first ``--prompt-tokens`` tokens of real English text), then
 ``--tokens`` greedy decode steps at batch 1, each step feeding the previous step's token; tokens/s is the
@@ -107,7 +108,8 @@ def main() -> None:
         print(f"onnx export {path} (torch {info['versions']['torch']}, onnxruntime {info['versions']['onnxruntime']})")
         label = "FP32" + (" + LoRA merged" if args.onnx_adapter else "")
         engines.append((f"onnxruntime {label}, KV cache, default threads", ("ort", ort_session(path))))
-        engines.append((f"onnxruntime {label}, KV cache, intra_op_num_threads=1", ("ort", ort_session(path, threads=1))))
+        engines.append((f"onnxruntime {label}, KV cache, intra_op_num_threads=1",
+                        ("ort", ort_session(path, threads=1))))
 
     results: dict[str, dict[str, list]] = {name: {"prefill": [], "tps": [], "ids": None} for name, _ in engines}
     loads = [os.getloadavg()[0]]
