@@ -472,15 +472,94 @@ CASES: dict[str, Callable[[Ctx], tuple[list, list[str]]]] = {
     "nf4 double quantization overflows": _nf4_double_quant_overflow,
 }
 
-# Placeholders for the front-ends being written now (issue 3): the lead extends this list with real builders.
-# Each entry: (case name, what to build, words the error line must name).
-PENDING = [
-    ("ONNX graph with an unsupported op", "an ONNX LLaMA graph with one op replaced by e.g. Einsum", ["model.onnx", "op"]),
-    ("ONNX external data escaping the model dir", "an ONNX initializer whose external_data location is ../secret.bin",
-     ["model.onnx", "external data", "../secret.bin"]),
-    ("GGUF of another architecture", "a GGUF whose general.architecture is e.g. 'gpt2' or 'qwen2moe'",
-     ["model.gguf", "general.architecture"]),
-]
+# ----- ONNX and GGUF inputs: built from the same valid checkpoint (romac's own FP32 graph writer; gguf's writer)
+
+
+def _onnx_from_base(c: Ctx, external: bool = False) -> Path:
+    import onnx
+
+    from romac.frontend.hf import load_hf_checkpoint
+    from romac.onnx_reference import build_onnx_graph
+
+    d = c.scratch / "onnx"
+    d.mkdir()
+    path = build_onnx_graph(load_hf_checkpoint(c.base), None, d / "model.onnx")
+    if external:
+        proto = onnx.load(str(path))
+        onnx.save_model(proto, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return path
+
+
+def _onnx_unsupported_op(c: Ctx):
+    import onnx
+
+    path = _onnx_from_base(c)
+    proto = onnx.load(str(path))
+    node = next(n for n in proto.graph.node if n.op_type == "Sigmoid")
+    node.op_type, node.name = "Einsum", "the_activation"
+    onnx.save_model(proto, str(path))
+    return [path], ["model.onnx", "unsupported op Einsum", "the_activation"]
+
+
+def _onnx_external_data_escapes(c: Ctx):
+    import onnx
+
+    path = _onnx_from_base(c, external=True)
+    shutil.move(path.parent / "weights.bin", c.scratch / "secret.bin")
+    proto = onnx.load(str(path), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../secret.bin"
+    onnx.save_model(proto, str(path))
+    return [path], ["model.onnx", "external data", "../secret.bin", "outside the model's directory"]
+
+
+def _onnx_external_data_truncated(c: Ctx):
+    path = _onnx_from_base(c, external=True)
+    data = path.parent / "weights.bin"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    return [path], ["model.onnx", "external data", "truncated"]
+
+
+def _gguf_other_architecture(c: Ctx):
+    gguf = pytest.importorskip("gguf")
+    path = c.scratch / "model.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return [path], ["model.gguf", "general.architecture", "gpt2"]
+
+
+def _gguf_truncated(c: Ctx):
+    gguf = pytest.importorskip("gguf")
+    from romac.frontend.gguf import GGUF_MAGIC  # noqa: F401  (the magic is what makes it a GGUF)
+
+    path = c.scratch / "model.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((256, 128), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.write_bytes(path.read_bytes()[:-4096])
+    return [path], ["model.gguf"]
+
+
+CASES.update({
+    "ONNX graph with an unsupported op": _onnx_unsupported_op,
+    "ONNX external data escaping the model's directory": _onnx_external_data_escapes,
+    "ONNX external data file truncated": _onnx_external_data_truncated,
+    "GGUF of another architecture": _gguf_other_architecture,
+    "GGUF truncated": _gguf_truncated,
+})
+
+
 
 SUBPROCESS_CASES = ["truncated safetensors file", "NaN weight", "adapter name ../x", "target TOML not TOML",
                     "--max-context 0", "config.json missing a key"]
@@ -562,11 +641,6 @@ def test_nan_is_caught_while_streaming_not_in_a_second_pass(valid, tmp_path, cap
                                  "gate_proj", "row 250, column 0")
     assert line
     _assert_nothing_written(tmp_path / "o")
-
-
-def test_pending_cases_are_listed():
-    """Not tests yet: ONNX and GGUF cases for the lead to turn into CASES entries once those front-ends land."""
-    assert all(len(p) == 3 for p in PENDING)
 
 
 def _table() -> str:  # pragma: no cover - a report, not a test
