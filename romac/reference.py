@@ -9,6 +9,8 @@ tiles, no instructions). The emulator must agree with it to float32 rounding.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Mapping, Sequence
 
 import ml_dtypes
@@ -58,17 +60,29 @@ class GoldenModel:
         self.cfg = model.config
         self.formats = formats
         self.kv_format = kv_format
+        self.lora_format = lora_format
         self._w: dict[str, np.ndarray] = {}
         self.lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-        if adapter is not None:
-            ad = model.adapter(adapter)
-            scaling = float(np.float32(ad.scaling))
-            for tensor, (a, b) in ad.weights.items():
-                self.lora[tensor] = (
-                    lora_roundtrip(a.load(), lora_format).astype(np.float64),
-                    lora_roundtrip(b.load(), lora_format).astype(np.float64),
-                    scaling,
-                )
+        self._load_adapter(adapter)
+
+    def _load_adapter(self, adapter: str | None) -> None:
+        self.lora = {}
+        if adapter is None:
+            return
+        ad = self.model.adapter(adapter)
+        scaling = float(np.float32(ad.scaling))
+        for tensor, (a, b) in ad.weights.items():
+            self.lora[tensor] = (
+                lora_roundtrip(a.load(), self.lora_format).astype(np.float64),
+                lora_roundtrip(b.load(), self.lora_format).astype(np.float64),
+                scaling,
+            )
+
+    def with_adapter(self, adapter: str | None) -> "GoldenModel":
+        """The same base model with another adapter resident, sharing the dequantized base weights."""
+        other = copy.copy(self)
+        other._load_adapter(adapter)
+        return other
 
     def weight(self, name: str) -> np.ndarray:
         """A stored tensor as the chip holds it (quantized then dequantized), in float64."""

@@ -89,11 +89,13 @@ def verify(
     sram = manifest["sram"]
     prompt = list(prompt) if prompt else default_prompt(model.config.vocab_size, model.config.bos_token_id)
     checks = []
+    base = None
     for name in names:
         machine.reset(adapter=name)
         new, logits = machine.generate(prompt, steps)
         seq = prompt + new
-        golden = GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"], adapter=name)
+        base = base or GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"])
+        golden = base.with_adapter(name)  # the base weights are dequantized once for every adapter
         ref = golden.logits(seq)
         p = len(prompt)
         check = AdapterCheck(

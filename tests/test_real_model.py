@@ -3,11 +3,11 @@
 Each input kind a user brings — the transformers checkpoint, a torch.onnx export, the GGUF file and the
 bitsandbytes 4-bit checkpoint — is compiled, and for NF4, INT4 and INT2:
 - the emulator matches the golden reference (relative logit error ≤ 1e-5, identical greedy tokens);
-- the emulator's teacher-forced predictions over 320 tokens of real English text are compared with
+- the emulator's teacher-forced predictions over 256 tokens of real English text are compared with
   onnxruntime running a torch.onnx export of the FP32 model (the adapter merged in for the adapter rows).
 
 The emulator must reproduce the quantized model's distance from FP32 exactly (the golden model's agreement
-with onnxruntime, to one position in 320); how far each format is from FP32 is then a property of the format,
+with onnxruntime, to one position in 256); how far each format is from FP32 is then a property of the format,
 and the thresholds below are what those formats give on this model (docs/accuracy.md has the figures).
 The fixtures (downloading the wheel, exporting ONNX) are built once per machine and cached.
 """
@@ -34,7 +34,7 @@ from romac.verify import source_model, verify  # noqa: E402
 from tests.fixtures import onnx_exports, smollm2  # noqa: E402
 
 TARGET = str(Path(__file__).resolve().parents[1] / "benchmarks" / "targets" / "bench-1g.toml")
-TEXT_TOKENS = 320
+TEXT_TOKENS = 256  # positions compared (the issue asks for at least 256)
 # Teacher-forced top-1 agreement with FP32 that each format must reach on this model (measured: NF4 0.64,
 # INT4 0.63 with an INT8 embedding/head; INT2 g128 destroys a 135M model without calibration: ~0.01).
 MIN_AGREEMENT = {"nf4": 0.55, "int4": 0.55, "int2": 0.0}
@@ -108,10 +108,11 @@ def test_agreement_with_onnxruntime_fp32(compiled, text_ids, fp32_logits, fmt):
     model = source_model(manifest, str(smollm2.hf_fp32()), [f"lora={smollm2.adapter()}"])
     formats = {r["name"]: r["codec"] for r in manifest["regions"] if "constants_of" not in r}
     sram = manifest["sram"]
+    base = GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"])
     for adapter in (None, "lora"):
         machine.reset(adapter=adapter)
         emulated = machine.step(text_ids)
-        golden = GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"], adapter=adapter).logits(text_ids)
+        golden = base.with_adapter(adapter).logits(text_ids)
         ref = fp32_logits[adapter]
         assert emulated.shape == ref.shape == (TEXT_TOKENS, model.config.vocab_size)
         agree, golden_agree = top1_agreement(ref, emulated), top1_agreement(ref, golden)

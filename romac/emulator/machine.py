@@ -41,8 +41,11 @@ def _stop_helpers(helpers: list) -> None:
 
 
 class Machine:
-    #: With threads > 1, single-position products over at least this many bytes of weights are split.
-    split_bytes = 1 << 20
+    #: With threads > 1, single-position products over at least this many bytes of weights are split. Each
+    #: split costs a hand-off (tens of µs, more when the helper has to wait for a core), so only products that
+    #: stream for milliseconds are worth it: SmolLM2's 113 MB head, not its 1-4 MB projections (measured in
+    #: docs/performance.md).
+    split_bytes = 16 << 20
 
     def __init__(self, artifacts: str | Path, adapter: str | None = None, threads: int = 1) -> None:
         self.manifest = open_artifacts(artifacts)
