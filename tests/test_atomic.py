@@ -88,8 +88,11 @@ def big_checkpoint(tmp_path_factory):
 def _compile_and_signal(args: list, out: Path, sig: int) -> subprocess.CompletedProcess:
     """Start a compile, freeze it as soon as its temporary appears, check it is mid-write, send ``sig``."""
     before = _snapshot(out) if out.exists() else None
+    # a test run started in the background inherits SIGINT ignored (as shells do for background jobs); the
+    # child must see Ctrl-C the way an interactive user's compile does
     proc = subprocess.Popen([sys.executable, "-m", "romac.cli", "compile", *map(str, args), "--out", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     try:
         # wait until it is writing bank images (worker threads busy), not merely created its temporary
@@ -269,10 +272,15 @@ def test_ctrl_c_is_held_over_the_steps_that_must_not_be_cut(tmp_path, monkeypatc
         return d
 
     monkeypatch.setattr(atomic.tempfile, "mkdtemp", mkdtemp_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        atomic.make_temporary(tmp_path / "out", "out", created)
+    previous = sig.signal(sig.SIGINT, sig.default_int_handler)  # as in an interactive run, even when CI ignores it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic.make_temporary(tmp_path / "out", "out", created)
+    finally:
+        restored = sig.getsignal(sig.SIGINT)
+        sig.signal(sig.SIGINT, previous)
     assert len(created) == 1 and created[0].is_dir()
-    assert sig.getsignal(sig.SIGINT) is sig.default_int_handler
+    assert restored is sig.default_int_handler
 
 
 def test_stale_temporaries_are_cleaned_only_when_their_process_is_gone(tmp_path):
