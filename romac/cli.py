@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
@@ -188,16 +187,22 @@ def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onn
               help="Also draw bank_utilisation.png and tokens_per_s.png into DIR (needs romac[plot]).")
 def inspect(artifacts, as_json, plots) -> None:
     """Print what an artifact directory holds: capacity, utilisation, SRAM map, performance and area estimate."""
-    from romac.summary import artifacts_report, capacity_lines, performance_lines, write_plots
+    from romac.summary import artifacts_report
 
-    report = artifacts_report(artifacts)
+    _show_report(artifacts_report(artifacts), plots, as_json, "")
+
+
+def _show_report(report: dict, plots: str | None, as_json: bool, title_note: str) -> None:
+    """What inspect and plan print: the plots asked for, then the report as JSON or as text."""
+    from romac.summary import capacity_lines, performance_lines, write_plots
+
     if plots:
         for path in write_plots(report, plots):
             click.echo(f"romac: wrote {path}", err=True)
     if as_json:
         click.echo(json.dumps(report, indent=1, sort_keys=True))
         return
-    click.echo(f"target {report['target']}")
+    click.echo(f"target {report['target']}{title_note}")
     for line in capacity_lines(report) + performance_lines(report["performance"], report["target"]):
         click.echo(line)
 
@@ -225,23 +230,11 @@ def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocks
     """
     from romac.passes import CompileOptions
     from romac.planning import plan_checkpoint
-    from romac.summary import capacity_lines, performance_lines
 
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              bnb_blocksize=bnb_blocksize, double_quant=double_quant, bnb_threads=bnb_threads)
     planned = plan_checkpoint(model, adapters, target, options, lora_ranks)
-    report = planned.annotations["report"]
-    if plots:
-        from romac.summary import write_plots
-
-        for path in write_plots(report, plots):
-            click.echo(f"romac: wrote {path}", err=True)
-    if as_json:
-        click.echo(json.dumps(report, indent=1, sort_keys=True))
-        return
-    click.echo(f"target {report['target']} (plan only: nothing written)")
-    for line in capacity_lines(report) + performance_lines(report["performance"], report["target"]):
-        click.echo(line)
+    _show_report(planned.annotations["report"], plots, as_json, " (plan only: nothing written)")
 
 
 @cli.command()
