@@ -128,7 +128,6 @@ def build_onnx_graph(
     ModelProto is returned (only for models whose weights stay under ~1.5 GB); with ``path`` the graph is
     saved there with its weights in ``<path>.data`` (external data) and the path is returned.
     """
-    cfg = model.config
     ad = model.adapter(adapter) if adapter is not None else None  # KeyError for an unknown name
     if path is None and _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         raise RomacError(

@@ -225,7 +225,7 @@ def target_from_dict(data: dict[str, Any], path: str = "<target>") -> Target:
             raise RomacError(f"section [{section}] is missing", where=path, hint="see targets/tiny.toml")
         for key, (kind, allowed) in spec.items():
             if key not in table:
-                raise RomacError(f"field is missing", where=f"{path} [{section}] {key}")
+                raise RomacError("field is missing", where=f"{path} [{section}] {key}")
             fields[_FIELD_NAMES.get((section, key), key)] = _check(path, section, key, table[key], kind, allowed)
     perf, area = _optional_section(data, "perf", path), _optional_section(data, "area", path)
     t = Target(**fields, source=path, perf=perf, area=area,

@@ -118,7 +118,7 @@ def from_hf_dir(root: str | Path) -> tuple[str, str] | None:
     tokenizers = _tk()
     try:
         text = path.read_text(encoding="utf-8")
-        tok = tokenizers.Tokenizer.from_str(text)
+        tokenizers.Tokenizer.from_str(text)  # parse it now: a broken file is the checkpoint's error, not run's
     except (OSError, UnicodeDecodeError, Exception) as e:  # tokenizers raises its own Exception type
         raise RomacError(f"not a tokenizers tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                          where=str(path)) from None
