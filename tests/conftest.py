@@ -49,13 +49,11 @@ def rng():
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory):
-    """A small LLaMA written by transformers and a LoRA adapter written by peft: (model_dir, adapter_dir)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    root = tmp_path_factory.mktemp("hf")
+def trained_like_llama(perturb_norms: bool = False):
+    """A small transformers LlamaForCausalLM (GQA, untied) with trained-like weight scales, seeded."""
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -66,6 +64,19 @@ def hf_checkpoint(tmp_path_factory):
         for name, p in model.named_parameters():
             if p.ndim == 2:
                 p.normal_(0, 1.0 / p.shape[1] ** 0.5 if "embed" not in name else 1.0)
+            elif perturb_norms:  # norms start at ones; make them informative
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """A small LLaMA written by transformers and a LoRA adapter written by peft: (model_dir, adapter_dir)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("hf")
+    model = trained_like_llama()
     model.save_pretrained(root / "base")
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,9 +21,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from romac.artifacts import TEMP_NAME
 from romac.frontend.safetensors_io import SafetensorsFile, write_safetensors
-from romac.ir import PROJECTIONS, ModelConfig, expected_shape, projection_tensor, tensor_names
+from romac.ir import PROJECTIONS, ModelConfig, expected_shape, tensor_names
 
 from tests.clirun import assert_one_line_error, error_line, run_main, run_subprocess
 
@@ -522,31 +520,26 @@ def _onnx_external_data_truncated(c: Ctx):
     return [path], ["model.onnx", "external data", "truncated"]
 
 
-def _gguf_other_architecture(c: Ctx):
+def _write_gguf(path: Path, arch: str, embedding_shape: tuple[int, int]) -> Path:
+    """A minimal GGUF file (llama.cpp's own writer): the architecture and one embedding tensor."""
     gguf = pytest.importorskip("gguf")
-    path = c.scratch / "model.gguf"
-    w = gguf.GGUFWriter(str(path), "gpt2")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(2)
-    w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+    w.add_tensor("token_embd.weight", np.zeros(embedding_shape, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def _gguf_other_architecture(c: Ctx):
+    path = _write_gguf(c.scratch / "model.gguf", "gpt2", (16, 8))
     return [path], ["model.gguf", "general.architecture", "gpt2"]
 
 
 def _gguf_truncated(c: Ctx):
-    gguf = pytest.importorskip("gguf")
-    from romac.frontend.gguf import GGUF_MAGIC  # noqa: F401  (the magic is what makes it a GGUF)
-
-    path = c.scratch / "model.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_tensor("token_embd.weight", np.zeros((256, 128), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _write_gguf(c.scratch / "model.gguf", "llama", (256, 128))
     path.write_bytes(path.read_bytes()[:-4096])
     return [path], ["model.gguf"]
 

@@ -57,18 +57,9 @@ def _cli_flags(quant_type: str, double_quant: bool, blocksize: int) -> list[str]
 
 
 def _save_fp(root: Path) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # trained-like scales: default init gives near-uniform logits
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, 1.0 / p.shape[1] ** 0.5 if "embed" not in name else 1.0)
-            else:
-                p.add_(torch.randn_like(p) * 0.1)
+    from tests.conftest import trained_like_llama
+
+    model = trained_like_llama(perturb_norms=True)
     model.save_pretrained(root / "fp32")
     copy.deepcopy(model).to(torch.float16).save_pretrained(root / "fp16")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(PROJECTIONS)))
