@@ -97,7 +97,7 @@ def _feeds(g: OnnxGraph, dec: Decoder, tokens: np.ndarray) -> dict[str, np.ndarr
 
 
 def _probe(g: OnnxGraph, dec: Decoder) -> dict[str, np.ndarray]:
-    """Run the user's graph once: logits and layer 0's RoPE cos/sin for a fixed probe prompt."""
+    """Run the user's graph once: the final norm's output and layer 0's RoPE cos/sin for a fixed probe prompt."""
     import onnx
     import onnxruntime as ort
 
@@ -115,7 +115,7 @@ def _probe(g: OnnxGraph, dec: Decoder) -> dict[str, np.ndarray]:
     weights = {}
     for t in g.initializers.values():
         if g.numel(t) > 1024 or t.data_location == onnx.TensorProto.EXTERNAL:
-            weights[t.name] = g.tensor(t.name) if t.data_type == onnx.TensorProto.FLOAT else _native(g, t)
+            weights[t.name] = _native(g, t)
             graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             graph.initializer.append(t)
