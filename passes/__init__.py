@@ -26,6 +26,7 @@ class CompileOptions:
     bnb_blocksize: int | None = None  # elements per absmax block (default 64)
     double_quant: bool | None = None  # quantize the absmax values too (default True, as QLoRA)
     bnb_threads: int | None = None  # torch threads whose float32 mean(absmax) to reproduce (default 1)
+    bnb_cpu_repacked: bool | None = None  # reproduce bnb's CPU inference repacking of the absmax (default False)
 
 
 Pass = Callable[[Model, Target, CompileOptions], Model]

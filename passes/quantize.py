@@ -5,7 +5,8 @@ Guarantees: ``tensors[name]`` has ``codec`` (a spec for ``romac.codecs.get_codec
 "vector") and ``shape`` for every stored tensor. Projections take the target's ``weights`` format (or
 ``--quant``), embedding and untied LM head the target's ``embedding`` format (or ``--quant-embedding``), norm
 gains the target's ``norms`` format, and the RoPE table fp32. nf4/fp4 take the bitsandbytes parameters of
-the options (``--bnb-blocksize``, ``--[no-]double-quant``, ``--bnb-threads``; default 64, on, 1).
+the options (``--bnb-blocksize``, ``--[no-]double-quant``, ``--bnb-threads``, ``--bnb-cpu-repacked``; default
+64, on, 1, off).
 A weight that arrives already quantized (a handle with ``codec_spec`` and ``load_quantized()``: a bitsandbytes
 checkpoint) keeps its own format, so its codes reach ROM untouched — unless the user names a format for it
 (``--quant`` / ``--quant-embedding``): then that spec is used, and the emitter passes the stored codes through
@@ -32,11 +33,18 @@ def format_spec(fmt: str, target: Target, options=None) -> dict:
     blocksize = getattr(options, "bnb_blocksize", None) or 64
     double_quant = getattr(options, "double_quant", None)
     threads = getattr(options, "bnb_threads", None) or 1
+    repacked = bool(getattr(options, "bnb_cpu_repacked", None))
     if fmt in ("nf4", "fp4") and blocksize not in _BNB_BLOCKSIZES:
         raise RomacError(f"invalid blocksize {blocksize}", where="--bnb-blocksize",
                          hint=f"bitsandbytes allows {', '.join(map(str, _BNB_BLOCKSIZES))}")
+    if fmt in ("nf4", "fp4") and repacked and double_quant is False:
+        raise RomacError("bitsandbytes' CPU repacking can be reproduced only with double quantization",
+                         where="--bnb-cpu-repacked / --no-double-quant",
+                         hint="without double quantization bitsandbytes saves a transposed bfloat16 absmax that "
+                              "does not load back correctly; re-save the checkpoint before running inference")
     return get_codec(fmt, group_size=target.group_size, blocksize=blocksize,
-                     double_quant=True if double_quant is None else double_quant, bnb_threads=threads).spec()
+                     double_quant=True if double_quant is None else double_quant, bnb_threads=threads,
+                     cpu_repacked=repacked if fmt in ("nf4", "fp4") else False).spec()
 
 
 def _check_bnb_options_used(options, specs: list[dict]) -> None:
@@ -44,7 +52,9 @@ def _check_bnb_options_used(options, specs: list[dict]) -> None:
     given = [flag for flag, v in (("--bnb-blocksize", getattr(options, "bnb_blocksize", None)),
                                   ("--double-quant" if getattr(options, "double_quant", None) else "--no-double-quant",
                                    getattr(options, "double_quant", None)),
-                                  ("--bnb-threads", getattr(options, "bnb_threads", None))) if v is not None]
+                                  ("--bnb-threads", getattr(options, "bnb_threads", None)),
+                                  ("--bnb-cpu-repacked", getattr(options, "bnb_cpu_repacked", None) or None))
+             if v is not None]
     if given and not any(s["format"] in ("nf4", "fp4") for s in specs):
         raise RomacError(
             "has no effect: no tensor is quantized to nf4 or fp4 from floating-point weights",

@@ -37,6 +37,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def _bnb_options(f):
     """The nf4/fp4 (bitsandbytes) parameters, shared by compile and plan."""
+    f = click.option("--bnb-cpu-repacked", is_flag=True, default=None,
+                     help="nf4/fp4 double quant: reproduce a bitsandbytes checkpoint saved after inference on a CPU "
+                          "with AVX512-BF16 (bitsandbytes then rounds the absmax to bfloat16 and re-quantizes it on "
+                          "save; the 4-bit codes stay, the double-quant statistics change).")(f)
     f = click.option("--bnb-threads", type=click.IntRange(min=1), default=None,
                      help="nf4/fp4 double quant: the torch thread count bitsandbytes quantized with on the CPU "
                           "(its float32 mean of the absmax depends on it above 32768 blocks; default 1).")(f)
@@ -62,8 +66,8 @@ def _bnb_options(f):
 @click.option("--out", "-o", default=DEFAULT_OUT, show_default=True, help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads, max_context,
-            rom_formats, out, force, quiet) -> None:
+def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads,
+            bnb_cpu_repacked, max_context, rom_formats, out, force, quiet) -> None:
     """Compile MODEL (a checkpoint directory or a .gguf file; default: the built-in model and adapter) into OUT.
 
     \b
@@ -76,6 +80,9 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
       bnb_4bit_use_double_quant=False      --no-double-quant (romac: on unless
                                            told; transformers: off unless told)
       a Linear4bit blocksize other than 64 --bnb-blocksize N
+      saved after inference on an          --bnb-cpu-repacked
+      AVX512-BF16 CPU (bitsandbytes then
+      re-quantizes its absmax on save)
     provided bitsandbytes quantized the checkpoint's own values: loaded with
     dtype= the stored dtype or a wider one (not fp32 weights loaded as bf16).
     """
@@ -91,7 +98,7 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
         click.echo(f"romac: compiling {what}", err=True)
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              rom_formats=rom_formats, bnb_blocksize=bnb_blocksize, double_quant=double_quant,
-                             bnb_threads=bnb_threads)
+                             bnb_threads=bnb_threads, bnb_cpu_repacked=bnb_cpu_repacked)
     compiled = compile_checkpoint(model, out, adapters, target, options, force=force, progress=not quiet)
     if quiet:
         return
@@ -221,7 +228,7 @@ def _show_report(report: dict, plots: str | None, as_json: bool, title_note: str
 @click.option("--plots", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Also draw bank_utilisation.png and tokens_per_s.png into DIR (needs romac[plot]).")
 def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads,
-         max_context, as_json, plots) -> None:
+         bnb_cpu_repacked, max_context, as_json, plots) -> None:
     """Capacity-plan MODEL on a target without reading or writing a weight (seconds, even for 8B).
 
     MODEL is a checkpoint (opened header-only) or a bare config.json (shapes only). Prints what compile would:
@@ -232,7 +239,8 @@ def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocks
     from romac.planning import plan_checkpoint
 
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
-                             bnb_blocksize=bnb_blocksize, double_quant=double_quant, bnb_threads=bnb_threads)
+                             bnb_blocksize=bnb_blocksize, double_quant=double_quant, bnb_threads=bnb_threads,
+                             bnb_cpu_repacked=bnb_cpu_repacked)
     planned = plan_checkpoint(model, adapters, target, options, lora_ranks)
     _show_report(planned.annotations["report"], plots, as_json, " (plan only: nothing written)")
 

@@ -249,13 +249,26 @@ class Bnb4bitCodec(Codec):
     among the 15 midpoints of the sorted table (torch.bucketize, right=False), through the FP4 reorder.
     Double quantization: ``offset = mean(absmax)`` (torch's float32 sum, see :func:`_torch_mean`), and
     ``absmax - offset`` is quantized in blocks of 256 with :data:`BNB_DYNAMIC_SIGNED`.
-    Machine facts assumed (those of bnb's x86 AVX2 build): torch float32 vectors of 8 lanes, and the native
-    dequant kernel for blocksize >= 2048 (AVX-512 builds fall back to torch there: FP4 zeros become +0.0).
+    Machine fact assumed: torch float32 vectors of 8 lanes (AVX2 / NEON / default builds) in the mean.
+    Dequantization uses flat blocks, as bnb's quantizer, its CUDA kernel, its pure-torch reference and its scalar
+    and NEON CPU kernels do (bnb 0.50's AVX-512 CPU kernel indexes absmax per row, wrong when a row is not a
+    whole number of blocks: docs/bitsandbytes.md). FP4's code 8 is +0.0 as in bnb's table (native AVX2/scalar
+    kernels give -0.0: numerically the same value).
+
+    ``cpu_repacked``: reproduce what bitsandbytes stores after its CPU inference repacking (``Linear4bit.forward``
+    on a CPU with AVX512-BF16 rounds the de-nested absmax to bfloat16; ``save_pretrained`` re-nests it with a
+    new offset). The 4-bit codes are unchanged; only the double-quantization statistics differ.
     """
 
-    def __init__(self, name: str, blocksize: int = 64, double_quant: bool = True, bnb_threads: int = 1):
+    def __init__(self, name: str, blocksize: int = 64, double_quant: bool = True, bnb_threads: int = 1,
+                 cpu_repacked: bool = False):
         self.name, self.bits, self.group = name, 4, int(blocksize)
         self.double_quant, self.bnb_threads = bool(double_quant), int(bnb_threads)
+        self.cpu_repacked = bool(cpu_repacked)
+        if self.cpu_repacked and not self.double_quant:
+            raise RomacError("the bitsandbytes CPU repacking is reproducible only with double quantization",
+                             where=name, hint="without double quantization bitsandbytes saves a bfloat16, "
+                             "transposed absmax that no loader reads back correctly; compile the FP base instead")
         self.nested_blocksize = BNB_NESTED_BLOCKSIZE
         self.param_fields = (("absmax", "u8" if self.double_quant else "f32"),)
         self.values = NF4_VALUES if name == "nf4" else FP4_VALUES
@@ -269,7 +282,11 @@ class Bnb4bitCodec(Codec):
 
     def spec(self) -> dict:
         s = {"format": self.name, "blocksize": self.group, "double_quant": self.double_quant}
-        return s if self.bnb_threads == 1 else {**s, "bnb_threads": self.bnb_threads}
+        if self.bnb_threads != 1:
+            s["bnb_threads"] = self.bnb_threads
+        if self.cpu_repacked:
+            s["cpu_repacked"] = True
+        return s
 
     def _codes(self, scaled: np.ndarray) -> np.ndarray:
         c = self._table.take((scaled.view(np.uint32) >> np.uint32(16)).astype(np.intp))
@@ -302,18 +319,25 @@ class Bnb4bitCodec(Codec):
         if not self.double_quant:
             return QuantTensor(self.name, shape, codes.reshape(shape), {"absmax": absmax})
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, not warned about
-            offset = _torch_mean(absmax, self.bnb_threads)
-            qabs, nested = _quantize_blockwise_dynamic(absmax - offset)
-            q = QuantTensor(self.name, shape, codes.reshape(shape), {"absmax": qabs},
-                            {"nested_absmax": nested, "offset": np.array([offset], f32)})
-            finite = np.isfinite(offset) and np.isfinite(self.absmax_float32(q)).all()
+            q = self._nest(shape, codes, absmax)
+            if self.cpu_repacked:   # bnb _convert_weight_packed_for_cpu, then its inverse on save_pretrained
+                q = self._nest(shape, codes, self.absmax_float32(q).astype(ml_dtypes.bfloat16).astype(f32))
+            finite = np.isfinite(q.constants["offset"][0]) and np.isfinite(self.absmax_float32(q)).all()
         if not finite:  # bitsandbytes would store NaN/Inf absmax here: refuse rather than burn NaN into ROM
             raise RomacError(
-                f"double quantization overflows float32 (block absmax values up to {absmax.max():.3g}, mean {offset:.3g})",
+                f"double quantization overflows float32 (block absmax values up to {absmax.max():.3g}, "
+                f"mean {q.constants['offset'][0]:.3g})",
                 hint=f"{self.name.upper()} with double quantization cannot hold weights this large; rescale the model "
                 "or use a format without double quantization",
             )
         return q
+
+    def _nest(self, shape: tuple[int, ...], codes: np.ndarray, absmax: np.ndarray) -> QuantTensor:
+        """Double quantization of float32 block absmax values: ``offset = mean``, the rest in 8-bit blocks."""
+        offset = _torch_mean(absmax, self.bnb_threads)
+        qabs, nested = _quantize_blockwise_dynamic(absmax - offset)
+        return QuantTensor(self.name, shape, codes.reshape(shape), {"absmax": qabs},
+                           {"nested_absmax": nested, "offset": np.array([offset], f32)})
 
     @staticmethod
     def absmax_float32(q: QuantTensor) -> np.ndarray:
@@ -327,8 +351,6 @@ class Bnb4bitCodec(Codec):
     def dequantize(self, q: QuantTensor) -> np.ndarray:
         am, codes, bs = self.absmax_float32(q), q.codes.reshape(-1), self.group
         vals = self.values
-        if self.name == "fp4" and (q.shape[-1] if q.shape else 1) % 2 == 0:
-            vals = np.where(np.arange(16) == 8, f32(-0.0), vals)   # bnb's native kernel (even last dim): -0.0
         out = np.empty(codes.size, f32)
         nfull, per = codes.size // bs, max(1, _CHUNK // bs)
         for b0 in range(0, nfull, per):
@@ -430,14 +452,15 @@ SUPPORTED_FORMATS = ("nf4", "fp4", "int8", "int4", "int2", "fp16", "fp32")
 
 
 def get_codec(format: str, group_size: int = 128, blocksize: int = 64, double_quant: bool = True,
-              bnb_threads: int = 1) -> Codec:
+              bnb_threads: int = 1, cpu_repacked: bool = False) -> Codec:
     """The codec for ``format``.  nf4/fp4 use ``blocksize``/``double_quant`` (and ``bnb_threads``, the
-    torch thread count whose float32 mean to reproduce); int8/4/2 use ``group_size``; fp16/fp32 neither."""
+    torch thread count whose float32 mean to reproduce, and ``cpu_repacked``, see :class:`Bnb4bitCodec`);
+    int8/4/2 use ``group_size``; fp16/fp32 neither."""
     if format in ("nf4", "fp4"):
         if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise RomacError(f"invalid blocksize {blocksize}", where=format,
                              hint="bitsandbytes allows 32, 64, 128, 256, 512, 1024, 2048, 4096")
-        return Bnb4bitCodec(format, blocksize, double_quant, bnb_threads)
+        return Bnb4bitCodec(format, blocksize, double_quant, bnb_threads, cpu_repacked)
     if format in ("int8", "int4", "int2"):
         if int(group_size) < 1:
             raise RomacError(f"invalid group_size {group_size}", where=format, hint="use a positive size, e.g. 128")

@@ -15,6 +15,7 @@ from romac import codecs as C
 from romac.codecs import (BNB_DYNAMIC_SIGNED, FP4_VALUES, NF4_VALUES, Bnb4bitCodec, get_codec, pack_codes,
                           unpack_codes)
 from romac.errors import RomacError
+from tests.bnb_reference import native_is_defined, reference_dequantize, same_values
 
 f32 = np.float32
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,7 +86,6 @@ def test_bnb_4bit_bit_exact(bnb, shape, blocksize, double_quant, quant_type):
     w = special_tensor(shape, blocksize, seed=hash((shape, blocksize)) % 2**32)
     packed, state = F.quantize_4bit(torch.from_numpy(w.copy()), blocksize=blocksize, quant_type=quant_type,
                                     compress_statistics=double_quant)
-    ref = F.dequantize_4bit(packed, state).numpy()
 
     codec = get_codec(quant_type, blocksize=blocksize, double_quant=double_quant)
     q = codec.quantize(w)
@@ -106,7 +106,44 @@ def test_bnb_4bit_bit_exact(bnb, shape, blocksize, double_quant, quant_type):
     assert same_bits(state.code.numpy(), codec.values)
     out = codec.dequantize(q)
     assert out.dtype == np.float32 and out.shape == w.shape
-    assert same_bits(out, ref)                       # bnb returns (1, n) for 1-D input: compare flat
+    assert same_values(out, reference_dequantize(packed, state))     # every shape, on every CPU
+    if native_is_defined(w.shape, blocksize):                        # bnb returns (1, n) for 1-D input
+        assert same_values(out.reshape(-1), F.dequantize_4bit(packed, state).numpy().reshape(-1))
+
+
+def test_fp4_zero_sign_is_not_a_difference(bnb):
+    """bnb's kernels disagree on the sign of FP4's zero; the comparison treats it as equal, nothing else."""
+    assert same_values(np.array([0.0, 1.5], f32), np.array([-0.0, 1.5], f32))
+    assert not same_values(np.array([0.0, 1.5], f32), np.array([0.0, np.nextafter(f32(1.5), f32(2))], f32))
+    assert not same_values(np.array([np.nan], f32), np.array([np.nan], f32))
+    out = get_codec("fp4", double_quant=False).dequantize(get_codec("fp4", double_quant=False).quantize(np.zeros((2, 64), f32)))
+    assert same_bits(out, np.zeros((2, 64), f32))                    # code 8 is bnb's table value, +0.0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 576), (5000,)])
+def test_bnb_cpu_repacking_is_reproduced(bnb, shape):
+    """cpu_repacked: what bnb's CPU inference repacking (bf16 absmax) and save_pretrained's inverse leave."""
+    torch, F = bnb
+    w = special_tensor(shape, 64, seed=11)
+    w[~np.isfinite(w) | (np.abs(w) > 1e30)] = 1.0       # bnb cannot round-trip huge absmax through bf16
+    packed, state = F.quantize_4bit(torch.from_numpy(w.reshape(-1, shape[-1]).copy()), blocksize=64,
+                                    quant_type="nf4", compress_statistics=True)
+    if len(shape) == 2 and shape[0] % 32 == 0:           # what Linear4bit.forward does on an AVX512-BF16 CPU
+        packed2, state2 = F._convert_weight_packed_for_cpu(packed.clone(), state)
+        _, state = F._convert_weight_packed_for_cpu_inverse(packed2, state2)
+    else:                                                # the same arithmetic, for shapes its packer refuses
+        absmax = (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).to(torch.bfloat16).float()
+        state.offset = absmax.mean()
+        state.absmax, state.state2 = F.quantize_blockwise(absmax - state.offset, blocksize=256)
+    q = get_codec("nf4", cpu_repacked=True).quantize(w)
+    assert same_bits(q.params["absmax"], state.absmax.numpy())
+    assert same_bits(q.constants["offset"], state.offset.numpy().reshape(1))
+    assert same_bits(q.constants["nested_absmax"], state.state2.absmax.numpy())
+    plain = get_codec("nf4").quantize(w)
+    assert np.array_equal(plain.codes, q.codes)          # the 4-bit codes are not touched
+    assert get_codec("nf4", cpu_repacked=True).spec()["cpu_repacked"] is True
+    with pytest.raises(RomacError, match="double quantization"):
+        get_codec("nf4", double_quant=False, cpu_repacked=True)
 
 
 @pytest.mark.parametrize("threads", [None, 3])

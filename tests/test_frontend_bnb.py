@@ -35,6 +35,7 @@ from romac.ir import PROJECTIONS, projection_tensor  # noqa: E402
 from romac.passes import CompileOptions  # noqa: E402
 from romac.reference import GoldenModel  # noqa: E402
 from romac.verify import verify  # noqa: E402
+from tests.bnb_reference import native_is_defined, reference_dequantize, same_values  # noqa: E402
 
 # label -> (bnb_4bit_quant_type, bnb_4bit_use_double_quant, blocksize)
 VARIANTS = {
@@ -151,7 +152,7 @@ def test_emulator_matches_golden_on_bnb_compile(bnb_ckpts, compiled_pairs, label
 
 @pytest.mark.parametrize("label", list(VARIANTS))
 def test_golden_weights_are_bnb_dequantize(bnb_ckpts, label):
-    """The golden model's weights (from the stored codes) equal bnb's dequantize_4bit of the loaded Params4bit."""
+    """The golden model's weights (from the stored codes) equal bnb's dequantization of the loaded Params4bit."""
     bnb_dir, torch_model = bnb_ckpts[label]
     model = load_model(str(bnb_dir))
     qt, dq, bs = VARIANTS[label]
@@ -166,11 +167,13 @@ def test_golden_weights_are_bnb_dequantize(bnb_ckpts, label):
             handle = model.weights[name]
             assert isinstance(handle, Bnb4bitWeight) and dict(handle.codec_spec) == spec
             p = modules[f"model.{name}"].weight
-            ref = bnb.functional.dequantize_4bit(p.data, p.quant_state).numpy()
+            ref = reference_dequantize(p.data, p.quant_state)       # bnb's definition, the same on every CPU
             ours = golden.weight(name).astype(np.float32)
-            assert ours.tobytes() == ref.tobytes(), name            # bit for bit, signed zeros included
-            assert handle.load().tobytes() == ref.tobytes()          # the float view of the handle too
-            assert handle.load_rows(5, 17).tobytes() == ref[5:17].tobytes()
+            assert same_values(ours, ref), name                      # bit for bit (+0.0 == -0.0)
+            if native_is_defined(ref.shape, bs):
+                assert same_values(ours, bnb.functional.dequantize_4bit(p.data, p.quant_state).numpy()), name
+            assert same_values(handle.load(), ref)                   # the float view of the handle too
+            assert same_values(handle.load_rows(5, 17), ref[5:17])
             q = handle.load_quantized()                              # and the stored parts, untouched
             assert np.array_equal(q.params["absmax"], p.quant_state.absmax.numpy())
             if dq:
@@ -258,8 +261,40 @@ def test_requantize_and_option_errors(bnb_ckpts, tmp_path):
 def test_compile_help_documents_qlora_flags():
     res = CliRunner().invoke(cli, ["compile", "--help"])
     assert res.exit_code == 0
-    for flag in ("--bnb-blocksize", "--no-double-quant", "--bnb-threads", "bnb_4bit_use_double_quant", "QLoRA"):
+    for flag in ("--bnb-blocksize", "--no-double-quant", "--bnb-threads", "--bnb-cpu-repacked",
+                 "bnb_4bit_use_double_quant", "QLoRA"):
         assert flag in res.output
+
+
+def _save_after_cpu_repacking(fp_dir: Path, out: Path, double_quant: bool) -> Path:
+    """A 4-bit checkpoint saved after bitsandbytes' CPU inference repacking (what Linear4bit.forward does on an
+    AVX512-BF16 CPU; applied here with bitsandbytes' own function, so every machine gets the same checkpoint)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    model = _load_4bit(fp_dir, "nf4", double_quant)
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and not getattr(mod.weight.quant_state, "packing_format_for_cpu", False):
+            mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu(mod.weight.data, mod.weight.quant_state)
+    model.save_pretrained(out)
+    return out
+
+
+def test_checkpoint_saved_after_cpu_repacking(bnb_ckpts, tmp_path):
+    """--bnb-cpu-repacked makes the FP compile match it; without double quantization it cannot load: refused."""
+    repacked = _save_after_cpu_repacking(bnb_ckpts["fp32"], tmp_path / "repacked", double_quant=True)
+    args = ["compile", str(bnb_ckpts["fp32"]), "--quant", "nf4", "-q"]
+    assert CliRunner().invoke(cli, [*args, "--bnb-cpu-repacked", "-o", str(tmp_path / "fp")]).exit_code == 0
+    assert CliRunner().invoke(cli, ["compile", str(repacked), "-q", "-o", str(tmp_path / "bnb")]).exit_code == 0
+    assert_same_images(tmp_path / "fp", tmp_path / "bnb")
+    assert CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "plain")]).exit_code == 0
+    assert _images(tmp_path / "plain") != _images(tmp_path / "bnb")
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--no-double-quant", "--bnb-cpu-repacked", "-o", str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
+    broken = _save_after_cpu_repacking(bnb_ckpts["fp32"], tmp_path / "broken", double_quant=False)
+    with pytest.raises(RomacError, match=r"absmax'?: is a bfloat16 absmax of shape \[2, 128\]") as e:
+        load_model(str(broken))
+    assert "\n" not in str(e.value)
 
 
 def test_int8_checkpoint(bnb_ckpts, tmp_path):

@@ -75,15 +75,17 @@ def compiled(tmp_path_factory):
         "onnx": lambda: str(onnx_exports.onnx_export("legacy")),
         "gguf": lambda: str(smollm2.gguf_file()),
         "bnb": lambda: str(smollm2.bnb_checkpoint("nf4", True)),
+        "bnb-after-inference": lambda: str(smollm2.bnb_checkpoint("nf4", True, after_inference=True)),
     }
 
-    def get(source: str, fmt: str) -> Path:
-        if (source, fmt) not in done:
-            out = root / f"{source}-{fmt}"
+    def get(source: str, fmt: str, **options) -> Path:
+        key = (source, fmt, *sorted(options.items()))
+        if key not in done:
+            out = root / "-".join(map(str, (source, fmt, *options.values())))
             compile_checkpoint(sources[source](), out, [f"lora={smollm2.adapter()}"], TARGET,
-                               CompileOptions(quant=fmt, quant_embedding=EMBEDDING))
-            done[source, fmt] = out
-        return done[source, fmt]
+                               CompileOptions(quant=fmt, quant_embedding=EMBEDDING, **options))
+            done[key] = out
+        return done[key]
 
     get.sources = sources
     return get
@@ -142,10 +144,22 @@ def test_every_source_gives_the_same_images(compiled, source):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
+def _rom_images(out: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted((out / "rom").iterdir())}
+
+
 def test_bnb_checkpoint_gives_the_nf4_images(compiled):
     a, b = compiled("hf", "nf4"), compiled("bnb", "nf4")
-    for f in sorted((a / "rom").iterdir()):
-        assert f.read_bytes() == (b / "rom" / f.name).read_bytes(), f.name
+    assert _rom_images(a) == _rom_images(b)
+
+
+def test_bnb_checkpoint_saved_after_inference(compiled):
+    """A bnb checkpoint saved after a forward pass (bitsandbytes' CPU repacking re-nests its absmax on save) is
+    reproduced from the FP checkpoint with --bnb-cpu-repacked; without it the double-quant statistics differ."""
+    after = _rom_images(compiled("bnb-after-inference", "nf4"))
+    assert _rom_images(compiled("hf", "nf4", bnb_cpu_repacked=True)) == after
+    plain = _rom_images(compiled("hf", "nf4"))
+    assert plain.keys() == after.keys() and any(plain[k] != after[k] for k in plain)
 
 
 @pytest.mark.parametrize("source", ["onnx", "gguf", "bnb"])

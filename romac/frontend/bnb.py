@@ -150,8 +150,6 @@ class Bnb4bitWeight:
         p0, p1 = e0 // 2, -(-e1 // 2)
         codes = _unpack_nibbles(self._packed()[p0:p1], 2 * (p1 - p0))[e0 - 2 * p0 : e1 - 2 * p0]
         values = _TABLES[self.codec_spec["format"]]
-        if self.codec_spec["format"] == "fp4" and self.shape[-1] % 2 == 0:
-            values = np.where(np.arange(16) == 8, f32(-0.0), values)  # as Bnb4bitCodec.dequantize
         scale = np.repeat(self._absmax(b0, b1), bs)[e0 - b0 * bs : e1 - b0 * bs]
         return values[codes] * scale
 
@@ -274,6 +272,12 @@ def _bnb4_weight(ck: _Checkpoint, name: str, weight_key: str, qs_key: str, want:
         raise ck.bad(weight_key, f"holds {winfo.nbytes} bytes ({winfo.dtype} {list(winfo.shape)}); "
                      f"{list(want)} 4-bit codes take {-(-n // 2)}")
     parts: dict[str, SafetensorsFile] = {}
+    absmax_file = ck.key_files.get(f"{weight_key}.absmax")
+    if not nested and absmax_file is not None and absmax_file.info(f"{weight_key}.absmax").dtype == "BF16":
+        raise ck.bad(f"{weight_key}.absmax", "is a bfloat16 absmax of shape "
+                     f"{list(absmax_file.info(weight_key + '.absmax').shape)}: bitsandbytes' CPU inference layout, "
+                     "which it does not undo on save without double quantization (its own loader misreads it too)",
+                     hint="save the model before running inference on an AVX512-BF16 CPU, or compile the FP base")
     parts["absmax"] = ck.need(f"{weight_key}.absmax", "U8" if nested else "F32", (nblocks,), weight_key)
     parts["quant_map"] = ck.need(f"{weight_key}.quant_map", "F32", (16,), weight_key)
     table = parts["quant_map"].raw(f"{weight_key}.quant_map")
