@@ -1,8 +1,11 @@
-"""The compiler's passes, in build order. Each is a function ``(model, target, options) -> model`` over the IR.
+"""The compiler's passes, in build order. Each is a function ``(model, target, options) -> model`` over the IR that
+fills part of the model's plan (:class:`romac.spec.plan.Plan`), and says which parts it needs (``requires``) and
+which it fills (``provides``). :func:`run_pipeline` checks both around every pass and validates the whole plan
+after each one (:mod:`romac.passes.check`), so a pass that forgets or breaks a field fails at the pass, not in
+the emitter.
 
-Every pass states in its docstring what it requires of its input and what it guarantees of its output; none
-mutates its input, and none holds weight data: they plan from shapes and formats, and the emitter streams the
-weights through the plan one matrix at a time.
+No pass mutates its input or holds weight data: they plan from shapes and formats, and the emitter streams
+the weights through the plan one matrix at a time.
 """
 
 from __future__ import annotations
@@ -11,47 +14,44 @@ from dataclasses import dataclass
 from typing import Callable
 
 from romac.ir import Model
+from romac.passes import partition, quantize, schedule, sram_layout, tile
+from romac.passes.check import PLAN_PARTS, check_plan, missing_parts
+from romac.passes.options import CompileOptions
 from romac.targets import Target
+
+__all__ = ["CompileOptions", "Pass", "pipeline", "run_pipeline"]
 
 
 @dataclass(frozen=True)
-class CompileOptions:
-    """What the user chose beyond the target (each ``None`` means: as the target says)."""
+class Pass:
+    name: str
+    run: Callable[[Model, Target, CompileOptions], Model]
+    requires: tuple[str, ...]
+    provides: tuple[str, ...]
 
-    quant: str | None = None  # format of the projection matrices, overriding the target's
-    quant_embedding: str | None = None  # format of the embedding / LM head, overriding the target's
-    max_context: int | None = None  # KV-cache length, overriding the target's default
-    rom_formats: tuple[str, ...] = ()  # bank images to write beside each raw .rom (romac.backend.romformats)
-    # nf4/fp4 (bitsandbytes) parameters for the formats above; None: bitsandbytes' / QLoRA's defaults
-    bnb_blocksize: int | None = None  # elements per absmax block (default 64)
-    double_quant: bool | None = None  # quantize the absmax values too (default True, as QLoRA)
-    bnb_threads: int | None = None  # torch threads whose float32 mean(absmax) to reproduce (default 1)
-    bnb_cpu_repacked: bool | None = None  # reproduce bnb's CPU inference repacking of the absmax (default False)
+    def __post_init__(self) -> None:
+        assert set(self.requires) | set(self.provides) <= set(PLAN_PARTS), (self.name, self.requires, self.provides)
 
 
-Pass = Callable[[Model, Target, CompileOptions], Model]
-
-
-def pipeline() -> list[tuple[str, Pass]]:
+def pipeline() -> list[Pass]:
     """The passes in the order they run."""
-    from romac.passes.partition import partition
-    from romac.passes.quantize import quantize
-    from romac.passes.schedule import schedule
-    from romac.passes.sram_layout import sram_layout
-    from romac.passes.tile import tile
+    return [Pass(m.__name__.rsplit(".", 1)[1], getattr(m, m.__name__.rsplit(".", 1)[1]), m.REQUIRES, m.PROVIDES)
+            for m in (quantize, tile, partition, sram_layout, schedule)]
 
-    return [
-        ("quantize", quantize),
-        ("tile", tile),
-        ("partition", partition),
-        ("sram_layout", sram_layout),
-        ("schedule", schedule),
-    ]
+
+class PassContractError(AssertionError):
+    """A pass ran without what it requires, or did not provide what it promised (a bug in romac, not the input)."""
 
 
 def run_pipeline(model: Model, target: Target, options: CompileOptions = CompileOptions()) -> Model:
     """Run every pass; the result carries the complete plan the emitter writes."""
-    model = model.with_annotations(target=target, options=options)
-    for _, step in pipeline():
-        model = step(model, target, options)
+    for p in pipeline():
+        absent = missing_parts(model.plan, p.requires)
+        if absent:
+            raise PassContractError(f"pass {p.name!r} requires {', '.join(absent)}, which no earlier pass provided")
+        model = p.run(model, target, options)
+        absent = missing_parts(model.plan, p.provides)
+        if absent:
+            raise PassContractError(f"pass {p.name!r} did not provide {', '.join(absent)}")
+        check_plan(model, target, after=p.name)
     return model

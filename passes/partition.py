@@ -1,12 +1,12 @@
 """Pass ``partition``: assign every tile to a B-ROM bank and a word offset.
 
-Requires: ``tile`` (every stored tensor has ``codec`` and ``grid``).
-Guarantees: ``annotations["regions"]`` lists every stored tensor as a ROM region (its index is the region id
-the instructions use), each with ``extents`` — ``[bank, word_offset, words]`` per bank it occupies — and
-``annotations["bank_words_used"]`` gives each bank's fill. Placement rules:
+Requires: ``grids``.
+Provides: ``regions`` — every tiled tensor as a :class:`romac.spec.plan.Region` (its index is the region id the
+instructions use) with its ``extents`` (bank, word offset, words per bank it occupies), and each bank's fill
+(``bank_words_used``). Placement rules:
 
 * A matrix's tiles go round-robin over *all* banks in storage order (full tiles first, see
-  :mod:`romac.layout`), so every bank holds the same number of full tiles of every matrix (± 1) and the
+  :mod:`romac.spec.layout`), so every bank holds the same number of full tiles of every matrix (± 1) and the
   banks finish each matrix-vector product together. Each matrix starts on the bank after the one where
   the previous matrix ended, which balances the fill across the whole model.
 * A vector (norm gains, RoPE table, quantization constants) goes whole into the least-filled bank.
@@ -18,65 +18,69 @@ from __future__ import annotations
 
 import numpy as np
 
-from romac.codecs import get_codec
 from romac.errors import CapacityError
-from romac.ir import Model
-from romac.layout import tile_sizes
+from romac.ir import EMBEDDING_TENSORS, Model
+from romac.passes.options import CompileOptions
+from romac.spec.formats import WeightFormat, weight_format
+from romac.spec.layout import tile_words
+from romac.spec.plan import MATRIX, Extent, Region
 from romac.targets import Target
 
+REQUIRES = ("grids",)
+PROVIDES = ("regions",)
 
-def tile_words(info: dict, word_bytes: int) -> np.ndarray:
-    """Words of every tile of a tensor, in storage order."""
-    return tile_sizes(get_codec(**info["codec"]), info["grid"], word_bytes) // word_bytes
+#: what the capacity error suggests, narrowest last: fewer bits per weight on the ROMA datapath
+_NARROWER = ("int4", "int2")
 
 
 def _mib(words: int, target: Target) -> str:
     return f"{words * target.word_bytes / 2**20:,.2f} MiB"
 
 
-_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "nf4": 4, "fp4": 4, "int2": 2}
-
-
 def _rom_knobs(model: Model, target: Target, sizes: dict, need: int) -> str:
     """What would make the model fit, with the B-ROM each option needs (for the capacity error's hint)."""
-    from romac.layout import tile_sizes
+    tensors = model.plan.tensors
 
-    def need_with(proj: str | None, embed: str | None) -> int:
+    def need_with(proj: WeightFormat | None, embed: WeightFormat | None) -> int:
         total = 0
         for name, words in sizes.items():
-            info = model.tensors[name]
-            fmt = embed if name in ("embed_tokens", "lm_head") else proj
-            if info["kind"] != "matrix" or fmt is None or fmt == info["codec"]["format"]:
+            t = tensors[name]
+            fmt = embed if name in EMBEDDING_TENSORS else proj
+            if t.kind != MATRIX or fmt is None or fmt.name == t.format.name:
                 total += int(words.sum())
             else:
-                codec = get_codec(fmt, group_size=target.group_size)
-                total += int((tile_sizes(codec, info["grid"], target.word_bytes) // target.word_bytes).sum())
+                total += int(tile_words(fmt, t.grid, target.word_bytes).sum())
         return total
 
+    def narrower(a: WeightFormat | None, b: WeightFormat) -> bool:
+        return a is not None and b.bits_per_weight() < a.bits_per_weight()
+
     have = target.banks * target.bank_words
-    proj_fmt = next((i["codec"]["format"] for n, i in model.tensors.items() if i["kind"] == "matrix"
-                     and n not in ("embed_tokens", "lm_head")), None)
-    embed_fmt = model.tensors.get("embed_tokens", {}).get("codec", {}).get("format")
+    proj = next((t.format for n, t in tensors.items() if t.kind == MATRIX and n not in EMBEDDING_TENSORS), None)
+    embed = tensors["embed_tokens"].format if "embed_tokens" in tensors else None
     knobs = []
-    for fmt in ("int4", "int2"):
-        if proj_fmt in _BITS and _BITS[fmt] < _BITS[proj_fmt]:
-            n = need_with(fmt, fmt if embed_fmt in _BITS and _BITS[fmt] < _BITS[embed_fmt] else None)
-            flag = f"--quant {fmt}" + (f" --quant-embedding {fmt}" if embed_fmt in _BITS and _BITS[fmt] < _BITS[embed_fmt] else "")
+    for name in _NARROWER:
+        fmt = weight_format(name, group_size=target.group_size)
+        if narrower(proj, fmt):
+            embed_too = narrower(embed, fmt)
+            n = need_with(fmt, fmt if embed_too else None)
+            flag = f"--quant {name}" + (f" --quant-embedding {name}" if embed_too else "")
             knobs.append(f"fewer bits per weight: {flag} needs {_mib(n, target)}{' (fits)' if n <= have else ''}")
             if n <= have:
                 break
-    if not knobs and embed_fmt in _BITS and proj_fmt in _BITS and _BITS[embed_fmt] > _BITS[proj_fmt]:
-        n = need_with(None, proj_fmt)
-        knobs.append(f"a narrower embedding: --quant-embedding {proj_fmt} needs {_mib(n, target)}")
+    if not knobs and proj is not None and narrower(embed, proj):
+        n = need_with(None, proj)
+        knobs.append(f"a narrower embedding: --quant-embedding {proj.name} needs {_mib(n, target)}")
     banks = -(-need * 1001 // 1000 // target.bank_words)  # 0.1% slack for the fullest bank
     knobs.append(f"a bigger target: at least {banks} banks of {target.bank_words} words "
                  f"(or {-(-need * 1001 // 1000 // target.banks)} words per bank)")
     return "use " + "; or ".join(knobs)
 
 
-def partition(model: Model, target: Target, options) -> Model:
+def partition(model: Model, target: Target, options: CompileOptions) -> Model:
     B = target.banks
-    sizes = {name: tile_words(info, target.word_bytes) for name, info in model.tensors.items() if "grid" in info}
+    tensors = model.plan.tensors
+    sizes = {name: tile_words(t.format, t.grid, target.word_bytes) for name, t in tensors.items()}
     need = int(sum(int(s.sum()) for s in sizes.values()))
     have = B * target.bank_words
     if need > have:
@@ -88,11 +92,9 @@ def partition(model: Model, target: Target, options) -> Model:
         )
     used = np.zeros(B, np.int64)
     regions, next_bank = [], 0
-    for name, info in model.tensors.items():
-        if name not in sizes:
-            continue
+    for name, t in tensors.items():
         words = sizes[name]
-        if info["kind"] == "matrix":
+        if t.kind == MATRIX:
             banks = (next_bank + np.arange(words.size)) % B
             per_bank = np.bincount(banks, weights=words, minlength=B).astype(np.int64)
             order = [(next_bank + k) % B for k in range(min(B, words.size))]
@@ -105,21 +107,10 @@ def partition(model: Model, target: Target, options) -> Model:
             order = [start]
         extents = []
         for b in sorted(order):
-            extents.append([int(b), int(used[b]), int(per_bank[b])])
+            extents.append(Extent(int(b), int(used[b]), int(per_bank[b])))
             used[b] += per_bank[b]
-        regions.append(
-            {
-                "name": name,
-                "kind": info["kind"],
-                "codec": info["codec"],
-                "shape": list(info["shape"]),
-                "tile": [info["grid"].tile_rows, info["grid"].tile_cols],
-                "n_tiles": int(words.size),
-                "start_bank": int(start),
-                "extents": extents,
-                **({"constants_of": info["constants_of"]} if "constants_of" in info else {}),
-            }
-        )
+        regions.append(Region(name, t.kind, t.format, tuple(t.shape), (t.grid.tile_rows, t.grid.tile_cols),
+                              int(words.size), int(start), tuple(extents), t.constants_of))
     full = int(np.argmax(used))
     if used[full] > target.bank_words:  # total fits but one bank overflows (a huge vector, uneven tails)
         raise CapacityError(
@@ -127,4 +118,4 @@ def partition(model: Model, target: Target, options) -> Model:
             where=f"target {target.name!r}",
             hint="use a target with more words per bank or smaller tiles",
         )
-    return model.with_annotations(regions=regions, bank_words_used=[int(u) for u in used])
+    return model.with_plan(regions=tuple(regions), bank_words_used=tuple(int(u) for u in used))

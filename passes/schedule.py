@@ -1,8 +1,7 @@
 """Pass ``schedule``: lower the op graph to the instruction stream of one forward step.
 
-Requires: ``partition`` (``annotations["regions"]``, whose indices are region ids) and ``sram_layout``
-(``annotations["sram"]["slots"]``, whose indices are LoRA slot ids).
-Guarantees: ``annotations["program"]`` is a list of :class:`romac.backend.isa.Instr` ending in HALT that
+Requires: ``regions`` (whose indices are region ids) and ``sram`` (whose slot indices are LoRA slot ids).
+Provides: ``program`` — a tuple of :class:`romac.spec.isa.Instr` ending in HALT that
 computes the logits of T new positions given the KV cache of the earlier ones; every LINEAR op is a MATVEC
 followed by a LORA on its slot (a no-op for an adapter without that projection), so any adapter runs on
 the same program. Each op kind has one lowering rule; an op kind without one is an error naming it.
@@ -10,10 +9,14 @@ the same program. Each op kind has one lowering rule; an op kind without one is 
 
 from __future__ import annotations
 
-from romac.backend.isa import OPCODES, Buf, Instr, Opcode, f32_bits
 from romac.errors import RomacError
 from romac.ir import Model, OpKind
+from romac.passes.options import CompileOptions
+from romac.spec.isa import OPCODES, Buf, Instr, Opcode, f32_bits
 from romac.targets import Target
+
+REQUIRES = ("regions", "sram")
+PROVIDES = ("program",)
 
 # Which activation buffer holds each op's result.
 _LINEAR_OUT = {"q_proj": Buf.Q, "k_proj": Buf.K, "v_proj": Buf.V, "o_proj": Buf.T,
@@ -22,10 +25,10 @@ _OUT = {OpKind.EMBEDDING: Buf.X, OpKind.RMSNORM: Buf.H, OpKind.ATTENTION: Buf.AT
         OpKind.SWIGLU: Buf.G, OpKind.ADD: Buf.X, OpKind.LM_HEAD: Buf.LOGITS}
 
 
-def schedule(model: Model, target: Target, options) -> Model:
+def schedule(model: Model, target: Target, options: CompileOptions) -> Model:
     cfg = model.config
-    region = {r["name"]: i for i, r in enumerate(model.annotations["regions"])}
-    slot = {name: i for i, name in enumerate(model.annotations["sram"]["slots"])}
+    region = model.plan.region_ids()
+    slot = {name: i for i, name in enumerate(model.plan.sram.slots)}
     buf: dict[str, Buf] = {}
     program: list[Instr] = []
 
@@ -71,4 +74,4 @@ def schedule(model: Model, target: Target, options) -> Model:
                              hint="supported: " + ", ".join(k.value for k in OpKind))
         buf[node] = out
     emit(Opcode.HALT, "end of step")
-    return model.with_annotations(program=program)
+    return model.with_plan(program=tuple(program))

@@ -1,50 +1,19 @@
-"""The artifact directory: file names, the manifest, and the checks that it is whole and untouched.
+"""Reading an artifact directory: the checks that it is whole and untouched, and its typed manifest.
 
-This is the contract between the compiler and the emulator (DESIGN.md). Both sides take every name from
-here; the emulator, ``romac verify`` and ``romac inspect`` only ever open a directory through
-:func:`open_artifacts`, which refuses one whose files do not match the manifest.
+The emulator, ``romac verify``, ``romac inspect`` and ``romac adapter`` only ever open a directory through
+:func:`open_artifacts`, which refuses one whose files do not match the manifest. File names and the manifest
+schema are the contract's facts (:mod:`romac.spec.manifest`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from romac.errors import ArtifactError
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-PROGRAM_BIN = "program.bin"
-PROGRAM_ASM = "program.asm"
-REPORT = "report.json"
-TOKENIZER = "tokenizer.json"  # the checkpoint's tokenizer (tokenizers format), when it carries one
-ROM_DIR = "rom"
-SRAM_DIR = "sram"
-# A compile's temporary sibling of its output OUT (romac.backend.atomic): never an output itself.
-TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[^/]+$")
-
-
-def bank_stem(bank: int, banks: int) -> str:
-    return f"{ROM_DIR}/bank_{bank:0{max(3, len(str(banks - 1)))}d}"
-
-
-def bank_file(bank: int, banks: int) -> str:
-    """Relative path of one bank's raw image."""
-    return bank_stem(bank, banks) + ".rom"
-
-
-def bank_image_file(bank: int, banks: int, suffix: str) -> str:
-    """Relative path of one bank's image in another format, beside the raw one (suffixes and formats:
-    ``romac.backend.romformats``). Listed in the manifest and checked like every file; the emulator reads only
-    :func:`bank_file`."""
-    return bank_stem(bank, banks) + suffix
-
-
-def sram_file(adapter: str) -> str:
-    return f"{SRAM_DIR}/{adapter}.bin"
+from romac.spec.manifest import FORMAT_VERSION, MANIFEST, MANIFEST_SHA256, TEMP_NAME, Manifest
 
 
 def sha256_file(path: Path) -> str:
@@ -58,9 +27,6 @@ def sha256_file(path: Path) -> str:
 def dump_json(data: Any) -> str:
     """Deterministic JSON: sorted keys, fixed separators, newline at the end."""
     return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
-
-
-MANIFEST_SHA256 = "manifest_sha256"
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -89,14 +55,8 @@ def list_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def open_artifacts(path: str | Path, check_hashes: bool = True) -> dict:
-    """Read and check an artifact directory's manifest; returns it with ``root`` set.
-
-    Refuses (ArtifactError naming the file) a missing directory or manifest, a temporary directory of a compile,
-    a manifest that is not JSON, of another format version or not matching its own sha256, a missing, extra,
-    resized or modified file.
-    """
-    root = Path(path)
+def read_manifest_json(root: Path) -> dict:
+    """manifest.json of a directory as checked JSON (format version, its own sha256), not yet typed."""
     if not root.is_dir():
         raise ArtifactError("not an artifact directory", where=str(root), hint="compile one with romac compile")
     if any(TEMP_NAME.match(p.name) for p in (root.absolute(), root.absolute().parent)):
@@ -123,7 +83,20 @@ def open_artifacts(path: str | Path, check_hashes: bool = True) -> dict:
         )
     if manifest.get(MANIFEST_SHA256) != manifest_digest(manifest):  # cheap: always checked
         raise ArtifactError("manifest does not match its own sha256 (corrupted or edited)", where=str(mpath))
-    files = manifest.get("files")
+    return manifest
+
+
+def open_artifacts(path: str | Path, check_hashes: bool = True) -> Manifest:
+    """Read and check an artifact directory; returns its typed manifest (``root`` set).
+
+    Refuses (ArtifactError naming the file) a missing directory or manifest, a temporary directory of a compile,
+    a manifest that is not JSON, of another format version, not matching its own sha256 or its schema, a
+    missing, extra, resized or modified file.
+    """
+    root = Path(path)
+    data = read_manifest_json(root)
+    mpath = root / MANIFEST
+    files = data.get("files")
     if not isinstance(files, dict) or not all(
         _safe_relative(rel) and isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
         for rel, m in files.items()
@@ -143,5 +116,4 @@ def open_artifacts(path: str | Path, check_hashes: bool = True) -> dict:
                 raise ArtifactError("file content does not match its sha256 in the manifest (corrupted or edited)", where=str(f))
         except OSError as e:
             raise ArtifactError(f"cannot read ({e.strerror})", where=str(f)) from None
-    manifest["root"] = str(root)
-    return manifest
+    return Manifest.from_json(data, str(mpath), root=str(root))

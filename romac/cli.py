@@ -10,9 +10,23 @@ import json
 import sys
 
 import click
+import numpy as np
 
 from romac import __version__
+from romac.artifacts import open_artifacts
+from romac.backend.report import build_report
+from romac.backend.romformats import parse_formats
+from romac.driver import compile_checkpoint
+from romac.emulator import Machine
 from romac.errors import RomacError
+from romac.frontend import describe, detect
+from romac.frontend.tokenizer import artifact_tokenizer, decode, encode
+from romac.passes import CompileOptions
+from romac.planning import plan_checkpoint
+from romac.spec.formats import WEIGHT_FORMATS
+from romac.summary import artifacts_report, capacity_lines, performance_brief, performance_lines, write_plots
+from romac.targets import builtin_targets, load_target
+from romac.verify import verify as run_verify
 
 DEFAULT_OUT = "romac-out"
 
@@ -56,7 +70,7 @@ def _bnb_options(f):
 @click.argument("model", required=False)
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="A PEFT LoRA adapter (repeatable).")
 @click.option("--target", default=None, help="Built-in target name or path to a target TOML (default: tiny).")
-@click.option("--quant", default=None, help="Format of the projection matrices: nf4, fp4, int8, int4, int2, fp16, fp32.")
+@click.option("--quant", default=None, help=f"Format of the projection matrices: {', '.join(WEIGHT_FORMATS)}.")
 @click.option("--quant-embedding", default=None, help="Format of the embedding and LM head.")
 @_bnb_options
 @click.option("--max-context", type=click.IntRange(min=1), default=None, help="KV-cache length in tokens.")
@@ -86,11 +100,6 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
     provided bitsandbytes quantized the checkpoint's own values: loaded with
     dtype= the stored dtype or a wider one (not fp32 weights loaded as bf16).
     """
-    from romac.driver import compile_checkpoint
-    from romac.frontend import describe, detect
-    from romac.backend.romformats import parse_formats
-    from romac.passes import CompileOptions
-
     rom_formats = parse_formats(rom_formats)  # a bad name fails before any work
     kind = detect(model)
     if not quiet:
@@ -99,15 +108,11 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              rom_formats=rom_formats, bnb_blocksize=bnb_blocksize, double_quant=double_quant,
                              bnb_threads=bnb_threads, bnb_cpu_repacked=bnb_cpu_repacked)
-    compiled = compile_checkpoint(model, out, adapters, target, options, force=force, progress=not quiet)
+    t = load_target(target)
+    compiled = compile_checkpoint(model, out, adapters, t, options, force=force, progress=not quiet)
     if quiet:
         return
-    from romac.backend.report import build_report
-
-    from romac.summary import capacity_lines, performance_brief
-
-    rep = build_report(compiled)
-    t = compiled.annotations["target"]
+    rep = build_report(compiled, t)
     click.echo(f"romac: wrote {out}/ for target {t.name!r}")
     for line in capacity_lines(rep) + performance_brief(rep["performance"], t.name):
         click.echo(f"  {line}")
@@ -125,16 +130,10 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
 @click.option("--dump-logits", type=click.Path(dir_okay=False), default=None, help="Write logits of every position to a .npy file.")
 def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits) -> None:
     """Run the emulator on an artifact directory: print the prompt and its continuation (--prompt) or the ids."""
-    import numpy as np
-
-    from romac.emulator import Machine
-
     if prompt_text is not None and prompt_ids is not None:
         raise RomacError("--prompt and --prompt-ids exclude each other", where="romac run", hint="give one of them")
     tok = None
     if prompt_text is not None:
-        from romac.artifacts import open_artifacts
-        from romac.frontend.tokenizer import artifact_tokenizer, encode
 
         tok = artifact_tokenizer(open_artifacts(artifacts, check_hashes=False))  # Machine checks the hashes below
         ids = encode(tok, prompt_text)
@@ -149,7 +148,6 @@ def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits
     eos = machine.config.get("eos_token_id")
     new, logits = machine.generate(ids, max_new_tokens, stop=eos)
     if tok is not None:
-        from romac.frontend.tokenizer import decode
 
         click.echo(decode(tok, ids + new))
     else:
@@ -169,8 +167,6 @@ def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onnx, as_json) -> None:
     """Check the emulator against the golden model (and report the distance from FP32 onnxruntime)."""
-    from romac.verify import verify as run_verify
-
     checks = run_verify(artifacts, model_spec, adapters, steps, _ids(prompt_ids), tolerance, not no_onnx)
     if as_json:
         click.echo(json.dumps([{**c.__dict__, "passed": c.passed} for c in checks], indent=1))
@@ -194,15 +190,11 @@ def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onn
               help="Also draw bank_utilisation.png and tokens_per_s.png into DIR (needs romac[plot]).")
 def inspect(artifacts, as_json, plots) -> None:
     """Print what an artifact directory holds: capacity, utilisation, SRAM map, performance and area estimate."""
-    from romac.summary import artifacts_report
-
     _show_report(artifacts_report(artifacts), plots, as_json, "")
 
 
 def _show_report(report: dict, plots: str | None, as_json: bool, title_note: str) -> None:
     """What inspect and plan print: the plots asked for, then the report as JSON or as text."""
-    from romac.summary import capacity_lines, performance_lines, write_plots
-
     if plots:
         for path in write_plots(report, plots):
             click.echo(f"romac: wrote {path}", err=True)
@@ -235,21 +227,17 @@ def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocks
     B-ROM and SRAM use, the longest context, the performance and area estimate; a model that does not fit
     fails with the same error compile gives.
     """
-    from romac.passes import CompileOptions
-    from romac.planning import plan_checkpoint
 
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              bnb_blocksize=bnb_blocksize, double_quant=double_quant, bnb_threads=bnb_threads,
                              bnb_cpu_repacked=bnb_cpu_repacked)
-    planned = plan_checkpoint(model, adapters, target, options, lora_ranks)
-    _show_report(planned.annotations["report"], plots, as_json, " (plan only: nothing written)")
+    _, report = plan_checkpoint(model, adapters, target, options, lora_ranks)
+    _show_report(report, plots, as_json, " (plan only: nothing written)")
 
 
 @cli.command()
 def targets() -> None:
     """List the built-in targets."""
-    from romac.targets import builtin_targets, load_target
-
     for name in builtin_targets():
         t = load_target(name)
         click.echo(f"{name:14s} {t.banks:5d} banks × {t.bank_bytes / 2**10:8.0f} KiB, SRAM {t.sram_bytes / 2**20:7.1f} MiB, "

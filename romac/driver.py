@@ -27,7 +27,7 @@ def compile_model(
     if not isinstance(target, Target):
         target = load_target(target)
     compiled = run_pipeline(model, target, options)
-    emit(compiled, out, force=force, progress=progress)
+    emit(compiled, target, out, rom_formats=options.rom_formats, force=force, progress=progress)
     return compiled
 
 
@@ -48,6 +48,3 @@ def compile_checkpoint(
         model = attach_adapters(model, adapters)
     return compile_model(model, out, target, options, force=force, progress=progress)
 
-
-# Capacity planning: the passes without the emitter (no weight is read or written).
-from romac.planning import plan_checkpoint, plan_model  # noqa: E402,F401

@@ -14,6 +14,7 @@ class RomacError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        self.message, self.where, self.hint = message, where, hint
         parts = [f"{where}: {message}" if where else message]
         if hint:
             parts.append(hint)

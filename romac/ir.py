@@ -6,8 +6,8 @@ map canonical tensor names (HF names without the ``model.`` prefix and ``.weight
 ``layers.0.self_attn.q_proj``) to :class:`WeightHandle` objects that read the tensor only when asked.
 Nothing in the IR holds weight arrays, so a 8B model's IR is a few kilobytes.
 
-Passes add their results as annotations: per tensor (``tensors``: format, tile grid, placement) and per model
-(``annotations``: target, SRAM map, program).
+Passes add their results to the model's :class:`romac.spec.plan.Plan` (formats and tile grids per tensor, region
+placement, SRAM map, program), a typed record each pass fills in part.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import networkx as nx
 import numpy as np
 
+from romac.errors import RomacError
+from romac.spec.plan import Plan
+
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTN_PROJECTIONS + MLP_PROJECTIONS
 ROPE_TABLE = "rope.inv_freq"  # the inverse-frequency table, derived from the config and stored in ROM
+EMBEDDING_TENSORS = ("embed_tokens", "lm_head")  # take the embedding format (the LM head is the tied or own one)
 
 
 def projection_tensor(layer: int, module: str) -> str:
@@ -106,13 +110,9 @@ class ModelConfig:
         elif kind == "explicit":  # frequencies read off a graph (ONNX) that follow no named schedule
             inv = np.asarray(scaling["inv_freq"], dtype=np.float64)
             if inv.shape != (dim // 2,):
-                from romac.errors import RomacError
-
                 raise RomacError(f"explicit RoPE table has {inv.size} entries, head_dim {dim} needs {dim // 2}",
                                  where="rope_scaling")
         elif kind not in ("default", None):
-            from romac.errors import RomacError
-
             raise RomacError(
                 f"RoPE scaling type {kind!r} is not supported",
                 where="config.json rope_scaling",
@@ -122,17 +122,47 @@ class ModelConfig:
 
 
 class WeightHandle(Protocol):
-    """A tensor that is read only when :meth:`load` is called (memory-mapped where the source allows)."""
+    """A tensor that is read only when asked (memory-mapped where the source allows).
+
+    Every handle offers float values (``load`` / ``load_rows``). A handle whose source stores quantized codes (a
+    bitsandbytes, GPTQ or AWQ checkpoint) also says in which format (``codec_spec``: a
+    ``romac.spec.formats`` spec; None for float sources) and gives those codes untouched (``load_quantized``).
+    """
 
     name: str
     shape: tuple[int, ...]
+    source: str
+    codec_spec: Mapping[str, Any] | None
 
-    def load(self) -> np.ndarray:  # float32 for float tensors
+    def load(self) -> np.ndarray:
+        """The whole tensor as float32."""
+        ...
+
+    def load_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32, reading only those where the source allows."""
+        ...
+
+    def load_quantized(self) -> Any:
+        """The stored codes as a ``romac.codecs.QuantTensor`` (only when ``codec_spec`` is not None)."""
         ...
 
 
+def stores_codes_of(handle: WeightHandle, spec: Mapping[str, Any]) -> bool:
+    """Whether the handle's source holds codes in exactly the format ``spec`` (so they pass through untouched)."""
+    return handle.codec_spec is not None and dict(handle.codec_spec) == dict(spec)
+
+
+class _FloatSource:
+    """What float-only handles answer about stored codes."""
+
+    codec_spec: Mapping[str, Any] | None = None
+
+    def load_quantized(self) -> Any:
+        raise TypeError(f"{self.name}: a float source stores no quantized codes")  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class LazyWeight:
+class LazyWeight(_FloatSource):
     """A weight read on demand by a loader function (the front-ends' memory-mapped readers use this)."""
 
     name: str
@@ -152,7 +182,7 @@ class LazyWeight:
 
 
 @dataclass(frozen=True)
-class ArrayWeight:
+class ArrayWeight(_FloatSource):
     """A weight already in memory (generated models, small tensors)."""
 
     name: str
@@ -199,8 +229,7 @@ class Model:
     weights: Mapping[str, WeightHandle]
     adapters: tuple[LoraAdapter, ...] = ()
     source: Mapping[str, Any] = field(default_factory=dict)
-    tensors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    annotations: Mapping[str, Any] = field(default_factory=dict)
+    plan: Plan = field(default_factory=Plan)
     # The checkpoint's tokenizer as a tokenizers ``tokenizer.json`` text (None: the input carries none). Opaque to
     # the passes; the emitter writes it into the artifact directory so `romac run --prompt` can encode and decode.
     tokenizer: str | None = field(default=None, repr=False, compare=False)
@@ -210,15 +239,9 @@ class Model:
         for node in nx.topological_sort(self.graph):
             yield node, self.graph.nodes[node]
 
-    def with_tensors(self, updates: Mapping[str, Mapping[str, Any]]) -> "Model":
-        """A copy with per-tensor annotations merged in (``updates[name]`` adds keys to ``tensors[name]``)."""
-        merged = {k: dict(v) for k, v in self.tensors.items()}
-        for name, extra in updates.items():
-            merged.setdefault(name, {}).update(extra)
-        return dataclasses.replace(self, tensors=merged)
-
-    def with_annotations(self, **extra: Any) -> "Model":
-        return dataclasses.replace(self, annotations={**self.annotations, **extra})
+    def with_plan(self, **changes: Any) -> "Model":
+        """A copy whose plan has these fields replaced (what a pass returns)."""
+        return dataclasses.replace(self, plan=self.plan.replace(**changes))
 
     def adapter(self, name: str) -> LoraAdapter:
         for a in self.adapters:
@@ -303,8 +326,6 @@ def make_model(
     source: Mapping[str, Any] | None = None,
 ) -> Model:
     """Assemble and check a Model: every tensor present with the shape the config implies."""
-    from romac.errors import RomacError
-
     for name in tensor_names(config):
         if name not in weights:
             raise RomacError(f"tensor {name!r} is missing", where=str((source or {}).get("path", "model")))

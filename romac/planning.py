@@ -10,9 +10,14 @@ of a model you do not have (``romac plan --config``, the paper-comparison tests)
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Iterable, Sequence
 
+from romac.backend.report import build_report
 from romac.errors import RomacError
+from romac.frontend import attach_adapters, load_model
+from romac.frontend.hf_config import parse_hf_config, read_config_json
 from romac.ir import PROJECTIONS, LazyWeight, LoraAdapter, Model, ModelConfig, expected_shape, make_model, projection_tensor, tensor_names
 from romac.passes import CompileOptions, run_pipeline
 from romac.targets import Target, load_target
@@ -58,38 +63,29 @@ def shape_model(config: ModelConfig, adapters: Sequence[LoraAdapter] = ()) -> Mo
     return make_model(config, weights, tuple(adapters), {"format": "shape-only"})
 
 
-def plan_model(model: Model, target: Target | str | None = None, options: CompileOptions = CompileOptions()) -> Model:
-    """Run every pass (no emitter): the compiled plan, with the report as ``annotations["report"]``.
+def plan_model(model: Model, target: Target | str | None = None,
+               options: CompileOptions = CompileOptions()) -> tuple[Model, dict]:
+    """Run every pass (no emitter): the compiled model (its plan complete) and its report.
 
     Raises :class:`romac.errors.CapacityError` exactly where ``romac compile`` would.
     """
-    from romac.backend.report import build_report
-
     if not isinstance(target, Target):
         target = load_target(target)
-    plan = run_pipeline(model, target, options)
-    return plan.with_annotations(report=build_report(plan))
+    planned = run_pipeline(model, target, options)
+    return planned, build_report(planned, target)
 
 
 def plan_checkpoint(model_spec: str | None, adapters: Sequence[str] = (), target: Target | str | None = None,
-                    options: CompileOptions = CompileOptions(), lora_ranks: Sequence[int] = ()) -> Model:
+                    options: CompileOptions = CompileOptions(), lora_ranks: Sequence[int] = ()) -> tuple[Model, dict]:
     """Plan a checkpoint (opened lazily, never read) or a bare ``config.json`` (shapes only), with PEFT adapters
     (``NAME=PATH``) and/or shape-only adapters of the given ranks on all seven projections."""
-    from pathlib import Path
-
-    from romac.frontend import attach_adapters, load_model
-
     if model_spec and str(model_spec).endswith(".json") and Path(model_spec).is_file():
-        from romac.frontend.hf import parse_hf_config, read_config_json
-
         model = shape_model(parse_hf_config(read_config_json(Path(model_spec)), where=str(model_spec)))
     else:
         model = load_model(model_spec, with_builtin_adapter=not adapters and not lora_ranks)
     if adapters:
         model = attach_adapters(model, adapters)
     if lora_ranks:
-        import dataclasses
-
         extra = tuple(shape_adapter(model.config, f"rank{r}", int(r)) for r in lora_ranks)
         model = dataclasses.replace(model, adapters=tuple(model.adapters) + extra)
     return plan_model(model, target, options)

@@ -10,33 +10,14 @@ tiles, no instructions). The emulator must agree with it to float32 rounding.
 from __future__ import annotations
 
 import copy
-
 from typing import Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 
-from romac.codecs import fp8_e4m3_decode, fp8_e4m3_encode, fp16_decode, fp16_encode, get_codec
-from romac.ir import ATTN_PROJECTIONS, MLP_PROJECTIONS, ROPE_TABLE, Model, projection_tensor
-
-_KV_ROUND = {"fp32": np.float32, "fp16": np.float16, "fp8_e4m3": ml_dtypes.float8_e4m3fn}
-_FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
-
-
-def lora_roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
-    """A LoRA matrix as it reads back from SRAM in the given precision."""
-    x = np.asarray(x, np.float32)
-    if fmt == "fp8_e4m3":
-        return fp8_e4m3_decode(*fp8_e4m3_encode(x))
-    if fmt == "fp16":
-        return fp16_decode(fp16_encode(x))
-    return x  # fp32: stored as is
-
-
-def kv_roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
-    if fmt == "fp8_e4m3":
-        x = np.clip(x, -_FP8_MAX, _FP8_MAX)
-    return x.astype(_KV_ROUND[fmt]).astype(np.float64)
+from romac.codecs import get_codec
+from romac.codecs.elements import kv_roundtrip, lora_roundtrip
+from romac.spec.manifest import Manifest
+from romac.ir import ATTN_PROJECTIONS, MLP_PROJECTIONS, ROPE_TABLE, Model, projection_tensor, stores_codes_of
 
 
 class GoldenModel:
@@ -65,6 +46,13 @@ class GoldenModel:
         self.lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
         self._load_adapter(adapter)
 
+    @classmethod
+    def of_artifacts(cls, model: Model, manifest: Manifest, adapter: str | None = None,
+                     keep_weights: bool = True) -> "GoldenModel":
+        """The golden model of what an artifact directory holds: its formats, LoRA and KV precisions."""
+        formats = {r.name: r.format.spec() for r in manifest.regions if r.constants_of is None}
+        return cls(model, formats, manifest.sram.lora_format, manifest.sram.kv.format, adapter, keep_weights)
+
     def _load_adapter(self, adapter: str | None) -> None:
         self.lora = {}
         if adapter is None:
@@ -90,7 +78,7 @@ class GoldenModel:
         if w is None:
             handle = self.model.weights[name]
             codec = get_codec(**self.formats[name])
-            if hasattr(handle, "load_quantized") and getattr(handle, "codec_spec", None) == self.formats[name]:
+            if stores_codes_of(handle, self.formats[name]):
                 q = handle.load_quantized()  # pre-quantized, compiled to its own format: the stored codes
             else:
                 x = np.asarray(handle.load(), np.float32)

@@ -11,7 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from romac.artifacts import open_artifacts
 from romac.errors import RomacError
+from romac.spec.isa import decode
+from romac.spec.manifest import PROGRAM_BIN, REPORT
+from romac.targets import Target
+from romac.targets.perf import estimate, workload_from_artifacts
 
 
 def _mib(n: float) -> str:
@@ -96,15 +101,10 @@ def performance_brief(perf: dict[str, Any] | None, target_name: str = "") -> lis
 
 def artifacts_report(artifacts: str | Path, check_hashes: bool = True) -> dict[str, Any]:
     """The report of an artifact directory, with its ``performance`` recomputed from manifest and program."""
-    from romac.artifacts import PROGRAM_BIN, REPORT, open_artifacts
-    from romac.backend.isa import decode
-    from romac.targets import Target
-    from romac.targets.perf import estimate, workload_from_artifacts
-
     manifest = open_artifacts(artifacts, check_hashes=check_hashes)
-    root = Path(manifest["root"])
+    root = Path(manifest.root)
     report = json.loads((root / REPORT).read_text())
-    if Target.from_dict(manifest["target"]).perf is not None:
+    if Target.from_dict(manifest.target).perf is not None:
         program = decode((root / PROGRAM_BIN).read_bytes(), source=str(root / PROGRAM_BIN))
         report["performance"] = estimate(workload_from_artifacts(manifest, program))
     else:
@@ -123,10 +123,11 @@ def write_plots(report: dict[str, Any], out_dir: str | Path,
     ``reference``: (label, [(context, tokens/s), ...]) drawn as points beside the model's curve.
     """
     try:
-        import matplotlib
+        import matplotlib  # optional (romac[plot]): only --plots needs it
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise RomacError("plotting needs matplotlib", where="--plots", hint="pip install 'romac[plot]'") from None
     out = Path(out_dir)
@@ -155,8 +156,6 @@ def write_plots(report: dict[str, Any], out_dir: str | Path,
     if perf:
         cur = perf["curve"]
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-        from matplotlib.ticker import FuncFormatter
-
         ax.plot(cur["context"], cur["tokens_per_s"], color="#3b75af", lw=2, label="romac model (decode)")
         if reference:
             label, pts = reference

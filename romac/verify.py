@@ -16,8 +16,10 @@ import numpy as np
 
 from romac.emulator import Machine
 from romac.errors import RomacError
+from romac.spec.manifest import Manifest
 from romac.frontend import attach_adapters, load_model
 from romac.ir import Model
+from romac.onnx_reference import compare_with_onnx
 from romac.reference import GoldenModel, relative_error
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -47,9 +49,9 @@ def default_prompt(vocab_size: int, bos: int | None) -> list[int]:
     return start + [(7 + 131 * k) % vocab_size for k in range(7)]
 
 
-def source_model(manifest: dict, model_spec: str | None, adapter_specs: Sequence[str]) -> Model:
+def source_model(manifest: Manifest, model_spec: str | None, adapter_specs: Sequence[str]) -> Model:
     """Load the checkpoint the artifacts were compiled from, and check it is that model."""
-    source = manifest.get("source", {})
+    source = manifest.source
     if model_spec is None and source.get("kind") != "builtin":
         raise RomacError(
             f"these artifacts were compiled from {source.get('path', 'a checkpoint')!r}; romac needs it to verify",
@@ -60,7 +62,7 @@ def source_model(manifest: dict, model_spec: str | None, adapter_specs: Sequence
     model = load_model(model_spec, with_builtin_adapter=builtin_adapters)
     if adapter_specs:
         model = attach_adapters(model, adapter_specs)
-    cfg = manifest["model"]
+    cfg = manifest.model
     for key in _CONFIG_KEYS:
         if getattr(model.config, key) != cfg[key]:
             raise RomacError(
@@ -84,9 +86,7 @@ def verify(
     manifest = machine.manifest
     model = source_model(manifest, model_spec, adapter_specs)
     given = {a.name for a in model.adapters}
-    names: list[str | None] = [None] + [n for n in manifest["adapters"] if n in given]
-    formats = {r["name"]: r["codec"] for r in manifest["regions"] if "constants_of" not in r}
-    sram = manifest["sram"]
+    names: list[str | None] = [None] + [n for n in manifest.adapters if n in given]
     prompt = list(prompt) if prompt else default_prompt(model.config.vocab_size, model.config.bos_token_id)
     checks = []
     base = None
@@ -94,7 +94,7 @@ def verify(
         machine.reset(adapter=name)
         new, logits = machine.generate(prompt, steps)
         seq = prompt + new
-        base = base or GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"])
+        base = base or GoldenModel.of_artifacts(model, manifest)
         golden = base.with_adapter(name)  # the base weights are dequantized once for every adapter
         ref = golden.logits(seq)
         p = len(prompt)
@@ -106,8 +106,6 @@ def verify(
             tolerance=tolerance,
         )
         if with_onnx:
-            from romac.onnx_reference import compare_with_onnx
-
             check.onnx = compare_with_onnx(model, name, seq, logits)
         checks.append(check)
     return checks

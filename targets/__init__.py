@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from romac.errors import RomacError
+from romac.spec.formats import ACTIVATION_FORMATS, KV_FORMATS, LORA_FORMATS, NORM_FORMATS, WEIGHT_FORMATS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,11 +24,6 @@ else:  # pragma: no cover
 TARGET_DIR = Path(__file__).resolve().parent
 DEFAULT_TARGET = "tiny"
 
-WEIGHT_FORMATS = ("nf4", "fp4", "int8", "int4", "int2", "fp16", "fp32")
-NORM_FORMATS = ("fp32", "fp16")
-LORA_FORMATS = ("fp8_e4m3", "fp16")
-KV_FORMATS = ("fp32", "fp16", "fp8_e4m3")
-ACTIVATION_FORMATS = ("fp32",)
 
 
 @dataclass(frozen=True)

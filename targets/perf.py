@@ -41,13 +41,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from romac.spec.formats import element_format
+from romac.spec.isa import Buf, Instr, Opcode
+from romac.spec.layout import kv_bytes_per_token
+from romac.spec.manifest import Manifest
+from romac.spec.plan import AdapterLayout, Region, SramMap
 from romac.targets import Target
 
 #: Contexts and prompt lengths every estimate reports (plus the compiled max_context).
 DECODE_CONTEXTS = (128, 256, 512, 1024, 2048, 4096)
 PROMPT_LENGTHS = (1, 256, 1024, 4096)
-_LORA_BYTES = {"fp8_e4m3": 1, "fp16": 2}
-_KV_BYTES = {"fp32": 4, "fp16": 2, "fp8_e4m3": 1}
 
 
 @dataclass(frozen=True)
@@ -56,34 +59,33 @@ class Workload:
 
     target: Target
     dims: dict[str, int]  # hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim
-    program: tuple  # romac.backend.isa.Instr
-    regions: tuple[dict, ...]  # name, kind, shape, tile, extents (bank, word_offset, words)
-    sram: dict  # the SRAM map (annotations["sram"] / manifest["sram"])
+    program: tuple[Instr, ...]
+    regions: tuple[Region, ...]
+    sram: SramMap
     bank_words_used: tuple[int, ...] = ()
     _region_bits: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         wb = self.target.word_bits
         for r in self.regions:
-            words = [e[2] for e in r["extents"]]
+            words = [e.words for e in r.extents]
             self._region_bits.append((max(words, default=0) * wb, sum(words) * wb))
 
 
 _DIMS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
 
 
-def workload_from_plan(model) -> Workload:
+def workload_from_plan(model, target: Target) -> Workload:
     """From a compiled Model (``romac.passes.run_pipeline`` or ``romac.planning.plan_model``)."""
-    a = model.annotations
-    return Workload(a["target"], {k: int(getattr(model.config, k)) for k in _DIMS}, tuple(a["program"]),
-                    tuple(a["regions"]), a["sram"], tuple(a["bank_words_used"]))
+    p = model.plan
+    return Workload(target, {k: int(getattr(model.config, k)) for k in _DIMS}, tuple(p.program), tuple(p.regions),
+                    p.sram, tuple(p.bank_words_used))
 
 
-def workload_from_artifacts(manifest: dict, program: Sequence) -> Workload:
+def workload_from_artifacts(manifest: Manifest, program: Sequence[Instr]) -> Workload:
     """From an artifact directory's manifest and its decoded ``program.bin``."""
-    return Workload(Target.from_dict(manifest["target"]), {k: int(manifest["model"][k]) for k in _DIMS},
-                    tuple(program), tuple(manifest["regions"]), manifest["sram"],
-                    tuple(manifest.get("banks", {}).get("used_words", ())))
+    return Workload(Target.from_dict(manifest.target), {k: int(manifest.model[k]) for k in _DIMS},
+                    tuple(program), manifest.regions, manifest.sram, manifest.banks.used_words)
 
 
 class NoPerfModel(Exception):
@@ -106,14 +108,14 @@ class StepCost:
         return sum(self.cycles.values())
 
 
-def _adapter(w: Workload, name: str | None) -> dict | None:
-    ads = w.sram.get("adapters") or []
+def _adapter(w: Workload, name: str | None) -> AdapterLayout | None:
+    ads = w.sram.adapters
     if name is not None:
-        for ad in ads:
-            if ad["name"] == name:
-                return ad
-        raise KeyError(name)
-    return max(ads, key=lambda ad: (ad["bytes"], ad["name"]), default=None)
+        ad = w.sram.adapter(name)
+        if ad is None:
+            raise KeyError(name)
+        return ad
+    return max(ads, key=lambda ad: (ad.bytes, ad.name), default=None)
 
 
 def step_cost(w: Workload, T: int, pos0: int, adapter: str | None = None, logits_rows: int | None = None) -> StepCost:
@@ -133,18 +135,16 @@ def step_cost(w: Workload, T: int, pos0: int, adapter: str | None = None, logits
     qb = p.query_block
     blocks = math.ceil(T / qb)
     ad = _adapter(w, adapter)
-    lora = {e[0]: e for e in ad["entries"]} if ad else {}
-    lora_elem = _LORA_BYTES[w.sram.get("lora_format", t.lora)]
-    kv_fmt = w.sram["kv"]["format"]
-    kv_token_layer = 2 * d["num_kv_heads"] * d["head_dim"] * _KV_BYTES[kv_fmt]
+    lora = {e.slot: e for e in ad.entries} if ad else {}
+    lora_elem = element_format(w.sram.lora_format).bytes
+    kv_token_layer = kv_bytes_per_token(1, d["num_kv_heads"] * d["head_dim"], w.sram.kv.format)
     c = StepCost()
     prev_matvec: tuple[int, float] | None = None  # (src0, work) of the instruction just before
     for ins in w.program:
-        # instructions are read by mnemonic (romac.backend.isa.Opcode names): targets/ imports no backend
-        op = ins.op.name
+        op = ins.op
         this_matvec = None
-        if op == "MATVEC":
-            head = w.regions[ins.a]["name"] in ("lm_head", "embed_tokens")  # a matvec on the embedding: tied head
+        if op == Opcode.MATVEC:
+            head = ins.dst == Buf.LOGITS  # the LM head
             rows = T if (logits_rows is None or not head) else min(T, logits_rows)
             max_bits, total_bits = w._region_bits[ins.a]
             work = rows * max_bits / rom_bw
@@ -152,11 +152,10 @@ def step_cost(w: Workload, T: int, pos0: int, adapter: str | None = None, logits
             c.cycles["l_units"] += work
             c.rom_bits += rows * total_bits
             this_matvec = (ins.src0, work)
-        elif op == "LORA":
+        elif op == Opcode.LORA:
             e = lora.get(ins.a)
             if e is not None:
-                _, _, _, rank, in_f, out_f = e
-                per = rank * (in_f + out_f)
+                per = e.rank * (e.in_features + e.out_features)
                 sram = blocks * per * lora_elem
                 macs = T * per
                 work = max(sram / h_bw, macs / h_mac)
@@ -167,21 +166,21 @@ def step_cost(w: Workload, T: int, pos0: int, adapter: str | None = None, logits
                     c.cycles["h_units"] += work
                 c.sram_bytes += sram
                 c.h_macs += macs
-        elif op == "EMBED":
+        elif op == Opcode.EMBED:
             r = w.regions[ins.a]
-            cols = r["shape"][1]
+            cols = r.shape[1]
             _, total_bits = w._region_bits[ins.a]
-            row_bits = total_bits / r["shape"][0]
-            banks_per_row = min(t.banks, math.ceil(cols / r["tile"][1]))
+            row_bits = total_bits / r.shape[0]
+            banks_per_row = min(t.banks, math.ceil(cols / r.tile[1]))
             c.cycles["latency"] += lat
             c.cycles["l_units"] += T * row_bits / (rom_bw * banks_per_row)
             c.rom_bits += T * row_bits
-        elif op == "KVSTORE":
+        elif op == Opcode.KVSTORE:
             sram = T * kv_token_layer
             c.cycles["latency"] += lat
             c.cycles["h_units"] += sram / h_bw
             c.sram_bytes += sram
-        elif op == "ATTN":
+        elif op == Opcode.ATTN:
             heads, hd = ins.a, d["head_dim"]
             pairs = T * pos0 + T * (T + 1) / 2
             keys_read = blocks * pos0 + qb * (blocks - 1) * blocks / 2 + T
@@ -193,12 +192,12 @@ def step_cost(w: Workload, T: int, pos0: int, adapter: str | None = None, logits
             c.sram_bytes += sram
             c.h_macs += macs
             c.vector_elems += soft
-        elif op in ("RMSNORM", "ROPE", "SWIGLU", "ADD"):
-            if op == "RMSNORM":
-                elems = 2 * T * w.regions[ins.a]["shape"][0]
-            elif op == "ROPE":
+        elif op in (Opcode.RMSNORM, Opcode.ROPE, Opcode.SWIGLU, Opcode.ADD):
+            if op == Opcode.RMSNORM:
+                elems = 2 * T * w.regions[ins.a].shape[0]
+            elif op == Opcode.ROPE:
                 elems = T * ins.b * d["head_dim"]
-            elif op == "SWIGLU":
+            elif op == Opcode.SWIGLU:
                 elems = T * d["intermediate_size"]
             else:
                 elems = T * d["hidden_size"]
@@ -292,9 +291,9 @@ def estimate(w: Workload, contexts: Sequence[int] | None = None, prompts: Sequen
     t = w.target
     if t.perf is None:
         raise NoPerfModel(t.name)
-    kv = w.sram["kv"]
-    fits = int(kv["max_context_that_fits"])
-    contexts = sorted(set(contexts or DECODE_CONTEXTS) | {int(kv["max_context"])})
+    kv = w.sram.kv
+    fits = kv.max_context_that_fits
+    contexts = sorted(set(contexts or DECODE_CONTEXTS) | {kv.max_context})
     prompts = sorted(set(prompts or PROMPT_LENGTHS))
     ad = _adapter(w, adapter)
     decode = [{**decode_point(w, L, adapter), "fits": L + 1 <= fits} for L in contexts]
@@ -305,18 +304,18 @@ def estimate(w: Workload, contexts: Sequence[int] | None = None, prompts: Sequen
     return {
         "model": "romac analytical model (docs/roma.md)",
         "clock_mhz": t.clock_mhz,
-        "adapter": {"name": ad["name"], "rank": ad["rank"]} if ad else None,
+        "adapter": {"name": ad.name, "rank": ad.rank} if ad else None,
         "max_context_that_fits": fits,
-        "compiled_context": int(kv["max_context"]),
+        "compiled_context": kv.max_context,
         "decode": decode,
         "ttft": ttft,
         "curve": {"context": [q["context"] for q in curve], "tokens_per_s": [q["tokens_per_s"] for q in curve],
                   "energy_per_token_mj": [q["energy_per_token_mj"] for q in curve]},
         "per_token": {
             "rom_bits_read": int(one.rom_bits),
-            "lora_sram_bytes": int(sum(ad_e[3] * (ad_e[4] + ad_e[5]) for ad_e in ad["entries"]) *
-                                   _LORA_BYTES[w.sram.get("lora_format", t.lora)]) if ad else 0,
-            "kv_sram_bytes_per_context_token": int(kv["bytes_per_token"]),
+            "lora_sram_bytes": int(sum(e.rank * (e.in_features + e.out_features) for e in ad.entries) *
+                                   element_format(w.sram.lora_format).bytes) if ad else 0,
+            "kv_sram_bytes_per_context_token": kv.bytes_per_token,
         },
         "area": area(t),
     }

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from romac.artifacts import MANIFEST, TEMP_NAME, open_artifacts
+from romac.artifacts import open_artifacts
+from romac.spec.manifest import MANIFEST, TEMP_NAME
 from romac.backend import atomic
 from romac.errors import ArtifactError, RomacError
 
@@ -188,7 +189,7 @@ def test_force_replaces_the_output_whole(tmp_path, capsys):
     assert run_main(capsys, "compile", "--out", out, "-q", "--quant", "int2", "--force").returncode == 0
     new = _snapshot(out)
     assert new != old and "rom/stray.txt" not in new
-    assert open_artifacts(out)["quantization"]["projections"]["format"] == "int2"
+    assert open_artifacts(out).quantization["projections"]["format"] == "int2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary or old copy left beside it"
 
 

@@ -39,7 +39,8 @@ def test_default_compile_run_verify(tmp_path):
     verify = romac("verify", out, cwd=tmp_path).stdout
     assert "builtin" in verify and "FAIL" not in verify
     assert "B-ROM" in romac("inspect", out).stdout
-    from romac.backend.isa import assemble, encode
+    from romac.spec.asm import assemble
+    from romac.spec.isa import encode
 
     assert encode(assemble((out / "program.asm").read_text())) == (out / "program.bin").read_bytes()
 

@@ -11,9 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from romac import codecs as C
-from romac.codecs import (BNB_DYNAMIC_SIGNED, FP4_VALUES, NF4_VALUES, Bnb4bitCodec, get_codec, pack_codes,
-                          unpack_codes)
+from romac.codecs import Bnb4bitCodec, QuantTensor, get_codec
+from romac.codecs import bnb as C
+from romac.codecs import elements as E
+from romac.codecs.bits import pack_codes, unpack_codes
+from romac.spec.formats import BNB_DYNAMIC_SIGNED, FP4_ORDER, FP4_VALUES, NF4_VALUES, WEIGHT_FORMATS
 from romac.errors import RomacError
 from tests.bnb_reference import native_is_defined, reference_dequantize, same_values
 
@@ -70,7 +72,7 @@ def test_tables_match_bitsandbytes(bnb):
     assert same_bits(BNB_DYNAMIC_SIGNED, F.create_dynamic_map(signed=True).numpy())
     from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
     _, order = _get_4bit_quantize_bounds("fp4", torch.device("cpu"))
-    assert np.array_equal(C._FP4_ORDER, order.numpy())
+    assert np.array_equal(FP4_ORDER, order.numpy())
 
 
 # ----------------------------------------------------------------- bnb NF4 / FP4
@@ -103,7 +105,7 @@ def test_bnb_4bit_bit_exact(bnb, shape, blocksize, double_quant, quant_type):
         assert same_bits(Bnb4bitCodec.absmax_float32(q), ref_absmax.numpy())
     else:
         assert q.params["absmax"].dtype == np.float32 and q.constants == {}
-    assert same_bits(state.code.numpy(), codec.values)
+    assert same_bits(state.code.numpy(), codec.format.values)
     out = codec.dequantize(q)
     assert out.dtype == np.float32 and out.shape == w.shape
     assert same_values(out, reference_dequantize(packed, state))     # every shape, on every CPU
@@ -267,7 +269,7 @@ def test_affine_requantize_is_identity(bits, group, data):
     ones = np.array([min(group, cols - g0) == 1 for g0 in range(0, cols, group)])
     scale[:, ones], zero[:, ones] = 1.0, 0          # a single-element group holding 0.0 re-quantizes so
     codec = get_codec(f"int{bits}", group_size=group)
-    w = codec.dequantize(C.QuantTensor(codec.name, (rows, cols), codes, {"scale": scale, "zero": zero}))
+    w = codec.dequantize(QuantTensor(codec.name, (rows, cols), codes, {"scale": scale, "zero": zero}))
     q = codec.quantize(w)
     assert np.array_equal(q.codes, codes) and same_bits(q.params["scale"], scale)
     assert np.array_equal(q.params["zero"], zero)
@@ -288,8 +290,8 @@ def test_affine_special_groups():
         codec.quantize(np.array([[0, 65520 * 15]], f32))
     with pytest.raises(ValueError):
         codec.quantize(np.zeros((2, 3, 4), f32))
-    assert get_codec("int8").param_fields == (("scale", "f16"), ("zero", "u8"))
-    assert get_codec("int2").param_fields == (("scale", "f16"), ("zero", "u2"))
+    assert [(p.key, p.storage) for p in get_codec("int8").format.param_fields] == [("scale", "f16"), ("zero", "u8")]
+    assert [(p.key, p.storage) for p in get_codec("int2").format.param_fields] == [("scale", "f16"), ("zero", "u2")]
 
 
 # ----------------------------------------------------------------- raw, fp8, fp16
@@ -300,34 +302,34 @@ def test_raw_round_trips(w):
     for name, dt, ut in (("fp32", f32, np.uint32), ("fp16", np.float16, np.uint16)):
         codec = get_codec(name)
         q = codec.quantize(w)
-        assert q.codes.dtype == ut and q.codes.shape == w.shape and q.params == {} and codec.group == 0
+        assert q.codes.dtype == ut and q.codes.shape == w.shape and q.params == {} and codec.format.group == 0
         assert same_bits(codec.dequantize(q), w.astype(dt).astype(f32))
     h = w.astype(np.float16)
-    assert same_bits(C.fp16_decode(C.fp16_encode(h)), h.astype(f32))
-    assert same_bits(C.fp16_encode(w), w.astype(np.float16))
+    assert same_bits(E.fp16_decode(E.fp16_encode(h)), h.astype(f32))
+    assert same_bits(E.fp16_encode(w), w.astype(np.float16))
 
 
 @FAST
 @given(x=hnp.arrays(f32, hnp.array_shapes(max_dims=2), elements=st.floats(-2.0 ** 100, 2.0 ** 100, width=32)))
 def test_fp8_e4m3(x):
-    codes, scale = C.fp8_e4m3_encode(x)
+    codes, scale = E.fp8_e4m3_encode(x)
     amax = np.abs(x).max()
     assert codes.dtype == np.uint8 and codes.shape == x.shape and isinstance(scale, np.float32)
     assert scale == (f32(1) if amax == 0 else max(f32(amax) / f32(448), np.nextafter(f32(0), f32(1))))
     # saturating: a subnormal scale can round below amax/448
     expect = np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(f32) * scale
-    decoded = C.fp8_e4m3_decode(codes, scale)
+    decoded = E.fp8_e4m3_decode(codes, scale)
     assert decoded.dtype == np.float32 and np.array_equal(decoded, expect)
     assert not decoded[x == 0].any() and not np.isnan(decoded).any()
 
 
 # ----------------------------------------------------------------- registry
-@pytest.mark.parametrize("fmt", C.SUPPORTED_FORMATS)
+@pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
 def test_spec_round_trip(fmt):
     codec = get_codec(fmt, group_size=64, blocksize=128, double_quant=False)
     spec = json.loads(json.dumps(codec.spec()))
     assert get_codec(**spec) == codec and hash(get_codec(**spec)) == hash(codec)
-    assert codec.name == fmt and codec.bits == {"int8": 8, "int2": 2, "fp16": 16, "fp32": 32}.get(fmt, 4)
+    assert codec.name == fmt and codec.format.code_bits == {"int8": 8, "int2": 2, "fp16": 16, "fp32": 32}.get(fmt, 4)
 
 
 def test_registry_errors():
@@ -335,8 +337,8 @@ def test_registry_errors():
         get_codec("int3")
     with pytest.raises(RomacError, match="blocksize"):
         get_codec("nf4", blocksize=100)
-    assert get_codec("nf4").param_fields == (("absmax", "u8"),)
-    assert get_codec("fp4", double_quant=False).param_fields == (("absmax", "f32"),)
+    assert [(p.key, p.storage) for p in get_codec("nf4").format.param_fields] == [("absmax", "u8")]
+    assert [(p.key, p.storage) for p in get_codec("fp4", double_quant=False).format.param_fields] == [("absmax", "f32")]
     assert get_codec("nf4", bnb_threads=4).spec()["bnb_threads"] == 4
     with pytest.raises(RomacError, match="inf or NaN"):
         get_codec("nf4").quantize(np.array([1.0, np.inf], f32))

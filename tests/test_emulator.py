@@ -22,9 +22,7 @@ def check(artifacts, model, adapter, prompt=(1, 17, 33, 60, 91)):
     new, logits = m.generate(list(prompt), STEPS)
     assert len(new) == STEPS
     assert logits.shape == (len(prompt) + STEPS, model.config.vocab_size)
-    formats = {r["name"]: r["codec"] for r in m.manifest["regions"] if "constants_of" not in r}
-    sram = m.manifest["sram"]
-    golden = GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"], adapter=adapter)
+    golden = GoldenModel.of_artifacts(model, m.manifest, adapter=adapter)
     ref = golden.logits(list(prompt) + new)
     assert relative_error(logits, ref) <= TOL
     p = len(prompt)

@@ -185,7 +185,7 @@ def test_float_tensors_and_source(bnb_ckpts):
     model = load_model(str(bnb_ckpts["nf4-dq"][0]))
     fp = load_model(str(bnb_ckpts["fp32"]))
     for name in ("embed_tokens", "lm_head", "norm", "layers.1.input_layernorm"):
-        assert not hasattr(model.weights[name], "load_quantized")
+        assert model.weights[name].codec_spec is None  # float: no stored codes
         assert np.array_equal(model.weights[name].load(), fp.weights[name].load())
     assert model.source["kind"] == "bnb"
     assert model.source["bitsandbytes"] == {"load_in": "4bit", "tensor_formats": {"float": 7, "nf4 b64 dq": 14},

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from romac.backend import isa
-from romac.backend.isa import (
+from romac.spec import asm, isa
+from romac.spec.asm import assemble, disassemble
+from romac.spec.isa import (
     FLAG_ACCUMULATE,
     INSTR_BYTES,
     INSTR_FORMAT,
@@ -20,10 +21,8 @@ from romac.backend.isa import (
     Buf,
     Instr,
     Opcode,
-    assemble,
     bits_f32,
     decode,
-    disassemble,
     encode,
     f32_bits,
     validate,
@@ -290,7 +289,7 @@ def test_decode_rejects_buffer_out_of_range(program, data):
 def _unused(ins: Instr) -> list[tuple[str, int]]:
     """(field, largest value) of every field or flag bits ``ins`` does not use."""
     s = OPCODES[ins.op]
-    out = [(f, (1 << isa._FIELD_BITS[f]) - 1) for f in FIELDS[1:] if f != "flags" and not s.uses(f)]
+    out = [(f, (1 << isa.FIELD_BITS[f]) - 1) for f in FIELDS[1:] if f != "flags" and not s.uses(f)]
     if s.flags != 0xFFFF:
         out.append(("flags", 0xFFFF))
     return out
@@ -351,7 +350,7 @@ def test_validate_program_rules():
 
 
 def test_docs_opcode_table_is_generated_from_the_isa():
-    assert isa.markdown_opcode_table() in DOCS.read_text(encoding="utf-8")
+    assert asm.markdown_opcode_table() in DOCS.read_text(encoding="utf-8")
 
 
 def test_docs_example_assembles():

@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from romac.codecs import get_codec
-from romac.layout import TileGrid, pack_tiles, tile_index, tile_locations, tile_sizes, unpack_tiles
+from romac.codecs.tiles import pack_tiles, unpack_tiles
+from romac.spec.layout import TileGrid, tile_index, tile_locations, tile_sizes
+from romac.spec.plan import Extent
 
 
 @settings(max_examples=40, deadline=None)
@@ -21,10 +23,10 @@ def test_pack_unpack_round_trip(rows, cols, tr, fmt, seed):
     w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
     q = codec.quantize(w)
     grid = TileGrid(rows, cols, tr, 128)
-    tiles = pack_tiles(codec, q, grid, 8)
-    assert [t.size for t in tiles] == tile_sizes(codec, grid, 8).tolist()
+    tiles = pack_tiles(codec.format, q, grid, 8)
+    assert [t.size for t in tiles] == tile_sizes(codec.format, grid, 8).tolist()
     assert all(t.size % 8 == 0 for t in tiles)
-    back = unpack_tiles(codec, tiles, grid, (rows, cols), {})
+    back = unpack_tiles(codec.format, tiles, grid, (rows, cols), {})
     np.testing.assert_array_equal(back.codes, q.codes)
     for key in q.params:
         np.testing.assert_array_equal(back.params[key].reshape(q.params[key].shape), q.params[key])
@@ -54,7 +56,7 @@ def test_tile_locations_pack_each_bank_without_overlap(n, banks, start, seed):
     bank_of = (start + np.arange(n)) % banks
     per_bank = np.bincount(bank_of, weights=words, minlength=banks).astype(int)
     base = np.random.default_rng(seed + 1).integers(0, 100, banks)
-    extents = [[b, int(base[b]), int(per_bank[b])] for b in range(banks) if per_bank[b]]
+    extents = [Extent(b, int(base[b]), int(per_bank[b])) for b in range(banks) if per_bank[b]]
     bank, offset = tile_locations(words, start, extents, banks, 8)
     assert (bank == bank_of).all()
     for b in range(banks):

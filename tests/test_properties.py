@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from romac import codecs as C
-from romac.codecs import FP4_VALUES, NF4_VALUES, Bnb4bitCodec, get_codec
+from romac.codecs import Bnb4bitCodec, get_codec
+from romac.codecs import elements as C
+from romac.spec.formats import FP4_VALUES, NF4_VALUES
 from romac.errors import RomacError
 
 f32 = np.float32
@@ -101,7 +102,7 @@ def test_bnb4_round_trip_within_bound(fmt, blocksize, double_quant, data):
     # |A - A'| rather than assuming A' is close to A.
     A, Ad = a_true[blocks], a_stored[blocks]
     normal = A >= 1e-38  # scaled by 1/absmax; below that bnb scales by 1/1e-38 and the codes say little
-    bound = np.where(normal, _half_gap(codec.values) * A * (1 + 2.0**-20), 2 * A) + np.abs(A - Ad) + np.abs(Ad) * 2.0**-22 + 1e-45
+    bound = np.where(normal, _half_gap(codec.format.values) * A * (1 + 2.0**-20), 2 * A) + np.abs(A - Ad) + np.abs(Ad) * 2.0**-22 + 1e-45
     assert (err <= bound).all(), f"worst excess {np.max(err - bound)}"
     zero_blocks = a_true == 0
     assert not dflat[zero_blocks[blocks]].any(), "an all-zero block dequantizes to zeros"
@@ -205,14 +206,14 @@ def test_fp16_exact_on_representable_values(data):
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=16, max_size=16))
 def test_isa_bytes_that_decode_encode_back_to_themselves(word):
-    from romac.backend import isa
+    from romac.spec import asm, isa
 
     try:
         program = isa.decode(word)
     except RomacError:
         return  # refused (unknown opcode, bad buffer, non-zero unused field): nothing to round-trip
     assert isa.encode(program) == word
-    assert isa.encode(isa.assemble(isa.disassemble(program))) == word
+    assert isa.encode(asm.assemble(asm.disassemble(program))) == word
 
 
 # --------------------------------------------------------------------------------------------------- emulator
@@ -261,13 +262,11 @@ def test_emulator_equals_golden_on_random_models(config, data):
         out = Path(d) / "out"
         compile_model(model, out, target, CompileOptions(quant=fmt, quant_embedding=embed, max_context=32))
         m = Machine(out)
-        sram = m.manifest["sram"]
-        regions = {r["name"]: r["codec"] for r in m.manifest["regions"] if "constants_of" not in r}
         prompt = [int(t) for t in np.random.default_rng(rank).integers(0, config.vocab_size, 5)]
         for name in (None, "ad"):
             m.reset(adapter=name)
             new, logits = m.generate(prompt, 4)
-            golden = GoldenModel(model, regions, sram["lora_format"], sram["kv"]["format"], adapter=name)
+            golden = GoldenModel.of_artifacts(model, m.manifest, adapter=name)
             ref = golden.logits(prompt + new)
             assert relative_error(logits, ref) <= 1e-5
             p = len(prompt)
@@ -305,8 +304,7 @@ def test_low_precision_kv_cache_double_rounding(tmp_path):
     target = dataclasses.replace(load_target("tiny"), kv_cache="fp16")
     compile_model(model, tmp_path / "out", target, CompileOptions(quant="int2", quant_embedding="fp16", max_context=32))
     m = Machine(tmp_path / "out")
-    regions = {r["name"]: r["codec"] for r in m.manifest["regions"] if "constants_of" not in r}
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 40, 5)]
     new, logits = m.generate(prompt, 4)
-    ref = GoldenModel(model, regions, m.manifest["sram"]["lora_format"], "fp16").logits(prompt + new)
+    ref = GoldenModel.of_artifacts(model, m.manifest).logits(prompt + new)
     assert relative_error(logits, ref) <= 1e-5

@@ -108,9 +108,7 @@ def test_agreement_with_onnxruntime_fp32(compiled, text_ids, fp32_logits, fmt):
     machine = Machine(out)
     manifest = machine.manifest
     model = source_model(manifest, str(smollm2.hf_fp32()), [f"lora={smollm2.adapter()}"])
-    formats = {r["name"]: r["codec"] for r in manifest["regions"] if "constants_of" not in r}
-    sram = manifest["sram"]
-    base = GoldenModel(model, formats, sram["lora_format"], sram["kv"]["format"])
+    base = GoldenModel.of_artifacts(model, manifest)
     for adapter in (None, "lora"):
         machine.reset(adapter=adapter)
         emulated = machine.step(text_ids)

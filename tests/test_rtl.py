@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from romac.artifacts import MANIFEST, bank_file, open_artifacts
+from romac.artifacts import open_artifacts
+from romac.spec.manifest import MANIFEST, bank_file
 from romac.backend.romformats import (
     FORMATS,
     BankGeometry,
@@ -71,7 +72,7 @@ def words_equal(a, b) -> bool:
 
 def check_text_formats(out: Path) -> None:
     m = open_artifacts(out)
-    banks, bits, depth = m["banks"]["count"], m["banks"]["word_bits"], m["banks"]["words"]
+    banks, bits, depth = m.banks.count, m.banks.word_bits, m.banks.words
     for b in range(banks):
         rom = read_rom(out / bank_file(b, banks), bits)
         assert len(rom) == depth
@@ -97,9 +98,9 @@ def simulate(out: Path, work: Path, tools, n_reads: int = 8) -> None:
     """Icarus: $readmemh every bank's .mem and $writememh it back; read a few addresses through each ROM module."""
     iverilog, vvp = tools
     m = open_artifacts(out)
-    banks, bits, depth = m["banks"]["count"], m["banks"]["word_bits"], m["banks"]["words"]
+    banks, bits, depth = m.banks.count, m.banks.word_bits, m.banks.words
     g = BankGeometry(0, banks, bits, depth)
-    used = max(1, max(m["banks"]["used_words"]))
+    used = max(1, max(m.banks.used_words))
     rng = np.random.default_rng(0)
     addrs = sorted({0, 1 % depth, used // 2, used - 1, depth // 2, depth - 1,
                     *rng.integers(0, depth, n_reads).tolist()})
@@ -143,10 +144,10 @@ def simulate(out: Path, work: Path, tools, n_reads: int = 8) -> None:
 
 def test_tiny_formats_read_back_the_rom_words(tiny_out):
     m = open_artifacts(tiny_out)
-    assert m["banks"]["formats"] == ["raw", *ALL]
-    assert m["banks"]["word_bits"] == 64
-    names = set(m["files"])
-    for b in range(m["banks"]["count"]):
+    assert list(m.banks.formats) == ["raw", *ALL]
+    assert m.banks.word_bits == 64
+    names = set(m.files)
+    for b in range(m.banks.count):
         for fmt in ("raw", *ALL):
             assert bank_format_file(b, 16, fmt) in names
     check_text_formats(tiny_out)
@@ -222,7 +223,7 @@ def test_reproducible_and_only_what_was_asked(tiny_out, tmp_path):
     plain = tmp_path / "plain"
     main(["compile", "--rom-format", "raw", "-o", str(plain), "-q"])
     m = open_artifacts(plain)
-    assert m["banks"]["formats"] == ["raw"]
+    assert list(m.banks.formats) == ["raw"]
     assert sorted(p.suffix for p in (plain / "rom").iterdir()) == [".rom"] * 16
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from romac.artifacts import MANIFEST, open_artifacts
+from romac.artifacts import open_artifacts
+from romac.spec.manifest import MANIFEST
 from romac.emulator import Machine
 from romac.errors import ArtifactError
 
@@ -90,7 +91,7 @@ def copy_of(compiled, tmp_path):
 def test_the_pristine_copy_is_accepted(copy_of):
     d = copy_of("pristine")
     Machine(d, adapter="builtin")
-    assert open_artifacts(d)["root"] == str(d)
+    assert open_artifacts(d).root == str(d)
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))

@@ -1,1 +1,3 @@
-"""The back-end: the ISA (romac.backend.isa) and the emitter that writes the artifact directory."""
+"""The back-end: the emitter that streams the weights through the plan into the artifact directory (``emit``), the
+SRAM images (``sram_image``), the report (``report``), RTL bank images (``romformats``) and atomic output
+(``atomic``). It takes the plan as data and never imports the passes."""

@@ -33,7 +33,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from romac.artifacts import MANIFEST, TEMP_NAME
+from romac.spec.manifest import MANIFEST, TEMP_NAME
 from romac.errors import RomacError
 
 _AT_FDCWD = -100

@@ -9,66 +9,39 @@ renamed into place only when complete: it appears whole or not at all.
 from __future__ import annotations
 
 import math
-import sys
 import os
-import struct
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from romac import __version__
-from romac.artifacts import (
-    FORMAT_VERSION,
-    MANIFEST,
-    PROGRAM_ASM,
-    PROGRAM_BIN,
-    REPORT,
-    TOKENIZER,
-    bank_file,
-    dump_json,
-    list_files,
-    seal_manifest,
-    sha256_file,
-    sram_file,
-)
-from romac.backend import atomic, isa
+from romac.artifacts import dump_json, list_files, seal_manifest, sha256_file
+from romac.backend import atomic
 from romac.backend.report import build_report
 from romac.backend.romformats import parse_formats, write_bank_formats
-from romac.codecs import fp8_e4m3_encode, fp16_encode, get_codec
+from romac.backend.sram_image import check_finite, sram_image
+from romac.codecs import codec_for
+from romac.codecs.tiles import pack_constants, pack_tiles
 from romac.errors import RomacError
-from romac.ir import Model
-from romac.layout import (
-    SLOT_ENTRY_FORMAT,
-    TileGrid,
-    pack_constants,
-    pack_tiles,
-    tile_index,
-    tile_locations,
-)
-from romac.passes.partition import tile_words
+from romac.ir import EMBEDDING_TENSORS, Model, stores_codes_of
+from romac.spec.asm import disassemble
+from romac.spec.isa import encode
+from romac.spec.layout import TileGrid, tile_index, tile_locations, tile_words
+from romac.spec.manifest import (MANIFEST, PROGRAM_ASM, PROGRAM_BIN, RAW_FORMAT, REPORT, TOKENIZER, Banks, FileEntry,
+                                 Manifest, bank_file, sram_file)
+from romac.spec.plan import VECTOR, Region
+from romac.targets import Target
 
 CHUNK_BYTES = 16 << 20  # float32 input per quantization job: bounds peak memory on big matrices
 WORKERS = min(4, os.cpu_count() or 1)  # quantization jobs in flight (numpy releases the GIL)
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="param", unit_scale=True, desc="compiling", disable=not enabled or not sys.stderr.isatty(), leave=False)
-
-
-def _check_finite(w: np.ndarray, name: str, source: str, row0: int) -> None:
-    """Refuse NaN/Inf in a chunk the emitter already holds (no extra pass over the weights), naming the row."""
-    if not np.isfinite(w).all():
-        at = tuple(int(i) for i in np.argwhere(~np.isfinite(w))[0])
-        where_in = f"row {row0 + at[0]}, column {at[1]}" if len(at) == 2 else f"element {row0 + at[0]}" if at else ""
-        raise RomacError(
-            f"tensor {name!r} holds {w[at]} in {where_in}",
-            where=source or name,
-            hint="the checkpoint is corrupted or diverged; NaN/Inf weights cannot be quantized",
-        )
 
 
 class _BankWriter:
@@ -136,30 +109,28 @@ def _write_tiles(banks: _BankWriter, tiles: list[np.ndarray], bank: np.ndarray, 
 Writes = list  # [(tiles, bank per tile, byte offset per tile)], what one job hands to the writer
 
 
-def _region_jobs(model: Model, region: dict, constants_region: dict | None):
+def _region_jobs(model: Model, target: Target, region: Region, constants_region: Region | None):
     """Independent jobs for one region: each reads, checks, quantizes and packs a piece, returning its writes.
 
     Jobs only compute (numpy releases the GIL, so two run at once on two cores); the caller does the I/O.
     """
-    target = model.annotations["target"]
-    info = model.tensors[region["name"]]
-    codec = get_codec(**region["codec"])
-    grid: TileGrid = info["grid"]
-    words = tile_words(info, target.word_bytes)
-    bank, offset = tile_locations(words, region["start_bank"], region["extents"], target.banks, target.word_bytes)
-    handle = model.weights[region["name"]]
+    fmt = region.format
+    codec = codec_for(fmt)
+    grid = region.grid
+    words = tile_words(fmt, grid, target.word_bytes)
+    bank, offset = tile_locations(words, region.start_bank, region.extents, target.banks, target.word_bytes)
+    handle = model.weights[region.name]
     source = getattr(handle, "source", "")
-    # a pre-quantized (bitsandbytes) weight compiled to its own format: its codes pass through untouched
-    passthrough = hasattr(handle, "load_quantized") and getattr(handle, "codec_spec", None) == region["codec"]
+    passthrough = stores_codes_of(handle, fmt.spec())  # a pre-quantized weight in its own format: codes untouched
 
     def quantize(w: np.ndarray):
         try:
             return codec.quantize(w)
         except RomacError as e:  # a format limit (e.g. the FP16 scale range): say which tensor hit it
-            raise RomacError(f"tensor {region['name']!r}: {e}", where=source or None) from None
+            raise RomacError(f"tensor {region.name!r}: {e}", where=source or None) from None
 
     def placed(q, grid_part: TileGrid, row0: int) -> tuple:
-        tiles = pack_tiles(codec, q, grid_part, target.word_bytes)
+        tiles = pack_tiles(fmt, q, grid_part, target.word_bytes)
         # global storage index of each tile of this row chunk (its full tiles are a contiguous run)
         first = (row0 // grid.tile_rows) * grid.full_cols
         index = list(range(first, first + grid_part.n_full))
@@ -168,17 +139,17 @@ def _region_jobs(model: Model, region: dict, constants_region: dict | None):
 
     def constants(q) -> tuple:
         values = pack_constants(q).reshape(1, -1)
-        fp32 = get_codec(**constants_region["codec"])
-        tiles = pack_tiles(fp32, fp32.quantize(values), TileGrid.for_vector(values.shape[1]), target.word_bytes)
-        b, off, _ = constants_region["extents"][0]
-        return tiles, np.array([b]), np.array([off * target.word_bytes])
+        cfmt = constants_region.format
+        tiles = pack_tiles(cfmt, codec_for(cfmt).quantize(values), TileGrid.for_vector(values.shape[1]), target.word_bytes)
+        e = constants_region.extents[0]
+        return tiles, np.array([e.bank]), np.array([e.word_offset * target.word_bytes])
 
     def whole() -> tuple[Writes, int]:
         if passthrough:
             q = handle.load_quantized()
         else:
             w = np.asarray(handle.load(), np.float32).reshape(grid.rows, grid.cols)
-            _check_finite(w, region["name"], source, 0)
+            check_finite(w, region.name, source, 0)
             q = quantize(w)
         writes = [placed(q, grid, 0)]
         if constants_region is not None:
@@ -188,14 +159,14 @@ def _region_jobs(model: Model, region: dict, constants_region: dict | None):
     def chunk(r0: int, r1: int):
         def job() -> tuple[Writes, int]:
             w = np.asarray(handle.load_rows(r0, r1), np.float32)
-            _check_finite(w, region["name"], source, r0)
+            check_finite(w, region.name, source, r0)
             part = TileGrid(r1 - r0, grid.cols, grid.tile_rows, grid.tile_cols)
             return [placed(quantize(w), part, r0)], w.size
 
         return job
 
     # rows are independent unless the format has per-tensor statistics (bitsandbytes' double quantization)
-    if region["kind"] == "vector" or constants_region is not None or passthrough:
+    if region.kind == VECTOR or constants_region is not None or passthrough:
         yield whole
         return
     rows_per_chunk = max(1, CHUNK_BYTES // (4 * grid.cols) // grid.tile_rows) * grid.tile_rows
@@ -203,67 +174,33 @@ def _region_jobs(model: Model, region: dict, constants_region: dict | None):
         yield chunk(r0, min(grid.rows, r0 + rows_per_chunk))
 
 
-def _lora_block(x: np.ndarray, fmt: str) -> tuple[bytes, float]:
-    if fmt == "fp8_e4m3":
-        codes, scale = fp8_e4m3_encode(x)
-        return codes.astype(np.uint8).tobytes(), float(scale)
-    return fp16_encode(x).astype("<u2").tobytes(), 1.0
-
-
-def _write_sram_image(model: Model, layout: dict, path: Path) -> None:
-    sram = model.annotations["sram"]
-    adapter = model.adapter(layout["name"])
-    image = bytearray(layout["bytes"])
-    entry = struct.calcsize(SLOT_ENTRY_FORMAT)
-    for slot, a_off, b_off, rank, in_f, out_f in layout["entries"]:
-        tensor = sram["slots"][slot]
-        a_h, b_h = adapter.weights[tensor]
-        a = np.asarray(a_h.load(), np.float32)
-        b = np.asarray(b_h.load(), np.float32)
-        for arr, h in ((a, a_h), (b, b_h)):
-            _check_finite(arr, h.name, getattr(h, "source", "") or adapter.source, 0)
-        a_bytes, a_scale = _lora_block(a, sram["lora_format"])
-        b_bytes, b_scale = _lora_block(b, sram["lora_format"])
-        image[a_off : a_off + len(a_bytes)] = a_bytes
-        image[b_off : b_off + len(b_bytes)] = b_bytes
-        struct.pack_into(SLOT_ENTRY_FORMAT, image, slot * entry, a_scale, b_scale, adapter.scaling, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(image))
-
-
-def _rom_formats(model: Model) -> tuple[str, ...]:
-    """The extra bank image formats the compile options ask for (validated; ``raw`` is always written)."""
-    return parse_formats(getattr(model.annotations.get("options"), "rom_formats", ()) or ())
-
-
-def _manifest(model: Model, files: dict) -> dict:
-    a = model.annotations
-    target = a["target"]
-    cfg = model.config
+def _manifest(model: Model, target: Target, rom_formats: tuple[str, ...], files: dict) -> Manifest:
+    plan, cfg = model.plan, model.config
     source = dict(model.source)
     if "path" in source:  # no absolute paths: the same inputs elsewhere give the same bytes
         source["path"] = Path(str(source["path"])).name
-    return {
-        "format_version": FORMAT_VERSION,
-        "romac_version": __version__,
-        "target": target.to_dict(),
-        "model": {**{k: v for k, v in cfg.__dict__.items() if k != "rope_scaling"},
-                  "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None},
-        "source": source,
-        "quantization": {
-            name: info["codec"] for name, info in model.tensors.items() if name in ("embed_tokens", "lm_head")
-        } | {"projections": model.tensors["layers.0.self_attn.q_proj"]["codec"]},
-        "regions": a["regions"],
-        "banks": {"count": target.banks, "words": target.bank_words, "word_bits": target.word_bits,
-                  "used_words": a["bank_words_used"], "formats": ["raw", *_rom_formats(model)]},
-        "sram": a["sram"],
-        "adapters": [ad.name for ad in model.adapters],
-        "program": {"instructions": len(a["program"]), "instruction_bytes": isa.INSTR_BYTES},
-        "files": files,
-    }
+    tensors = plan.tensors
+    quantization = {name: tensors[name].format.spec() for name in EMBEDDING_TENSORS if name in tensors}
+    quantization["projections"] = tensors["layers.0.self_attn.q_proj"].format.spec()
+    return Manifest(
+        romac_version=__version__,
+        target=target.to_dict(),
+        model={**{k: v for k, v in cfg.__dict__.items() if k != "rope_scaling"},
+               "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None},
+        source=source,
+        quantization=quantization,
+        regions=plan.regions,
+        banks=Banks(target.banks, target.bank_words, target.word_bits, plan.bank_words_used,
+                    (RAW_FORMAT, *rom_formats)),
+        sram=plan.sram,
+        adapters=tuple(ad.name for ad in model.adapters),
+        instructions=len(plan.program),
+        files=files,
+    )
 
 
-def emit(model: Model, out: str | Path, *, force: bool = False, progress: bool = True) -> Path:
+def emit(model: Model, target: Target, out: str | Path, *, rom_formats: tuple[str, ...] = (), force: bool = False,
+         progress: bool = True) -> Path:
     """Write the artifact directory for a fully compiled Model; returns its path.
 
     Written into a temporary sibling and moved into place whole (see :mod:`romac.backend.atomic`).
@@ -276,7 +213,7 @@ def emit(model: Model, out: str | Path, *, force: bool = False, progress: bool =
     try:
         tmp = atomic.make_temporary(path, shown, created)
         try:
-            _write_all(model, tmp, progress)
+            _write_all(model, target, parse_formats(rom_formats), tmp, progress)
         except OSError as e:  # the disk, not romac: a full or read-only file system, a vanished input
             name = str(e.filename or "")
             if name.startswith(str(tmp)):
@@ -290,18 +227,16 @@ def emit(model: Model, out: str | Path, *, force: bool = False, progress: bool =
     return Path(out)
 
 
-def _write_all(model: Model, root: Path, progress: bool) -> None:
-    a = model.annotations
-    target = a["target"]
-    regions = a["regions"]
-    rom_formats = _rom_formats(model)  # checked before any work
-    constants = {r["constants_of"]: r for r in regions if "constants_of" in r}
-    total = sum(math.prod(r["shape"]) for r in regions if "constants_of" not in r)
+def _write_all(model: Model, target: Target, rom_formats: tuple[str, ...], root: Path, progress: bool) -> None:
+    plan = model.plan
+    regions = plan.regions
+    constants = {r.constants_of: r for r in regions if r.constants_of is not None}
+    total = sum(math.prod(r.shape) for r in regions if r.constants_of is None)
     jobs = (
         job
         for region in regions
-        if "constants_of" not in region
-        for job in _region_jobs(model, region, constants.get(region["name"]))
+        if region.constants_of is None
+        for job in _region_jobs(model, target, region, constants.get(region.name))
     )
     banks = _BankWriter(root, target)
     try:
@@ -325,14 +260,15 @@ def _write_all(model: Model, root: Path, progress: bool) -> None:
         banks.close()
     # RTL images beside each raw bank, inside the temporary directory: they are in the manifest like every file
     write_bank_formats(root, rom_formats, target.banks, target.word_bits, target.bank_words)
-    for layout in a["sram"]["adapters"]:
-        _write_sram_image(model, layout, root / sram_file(layout["name"]))
-    program = a["program"]
-    (root / PROGRAM_BIN).write_bytes(isa.encode(program))
-    names = [r["name"] for r in regions]
-    (root / PROGRAM_ASM).write_text(isa.disassemble(program, names, a["sram"]["slots"]), encoding="utf-8")
-    (root / REPORT).write_text(dump_json(build_report(model)), encoding="utf-8")
+    for layout in plan.sram.adapters:
+        path = root / sram_file(layout.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(sram_image(model.adapter(layout.name), layout, plan.sram))
+    (root / PROGRAM_BIN).write_bytes(encode(plan.program))
+    names = [r.name for r in regions]
+    (root / PROGRAM_ASM).write_text(disassemble(plan.program, names, plan.sram.slots), encoding="utf-8")
+    (root / REPORT).write_text(dump_json(build_report(model, target)), encoding="utf-8")
     if model.tokenizer is not None:  # the checkpoint's tokenizer, for `romac run --prompt`
         (root / TOKENIZER).write_text(model.tokenizer, encoding="utf-8")
-    files = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in list_files(root)}
-    (root / MANIFEST).write_text(seal_manifest(_manifest(model, files)), encoding="utf-8")
+    files = {rel: FileEntry((root / rel).stat().st_size, sha256_file(root / rel)) for rel in list_files(root)}
+    (root / MANIFEST).write_text(seal_manifest(_manifest(model, target, rom_formats, files).to_json()), encoding="utf-8")

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Union
 
 import numpy as np
 
-from romac.artifacts import bank_file, bank_image_file, bank_stem
+from romac.spec.manifest import bank_file, bank_image_file, bank_stem
 from romac.errors import RomacError
 
 CHUNK_BYTES = 1 << 20  # raw bytes turned into text per step

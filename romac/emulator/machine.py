@@ -16,12 +16,13 @@ from typing import Callable, Sequence
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from romac.artifacts import PROGRAM_BIN, open_artifacts
-from romac.backend import isa
+from romac.artifacts import open_artifacts
 from romac.emulator.ops import SEMANTICS
 from romac.emulator.rom import Rom
 from romac.emulator.sram import Sram
 from romac.errors import RomacError
+from romac.spec import isa
+from romac.spec.manifest import PROGRAM_BIN
 
 
 def _helper(jobs: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
@@ -49,8 +50,8 @@ class Machine:
 
     def __init__(self, artifacts: str | Path, adapter: str | None = None, threads: int = 1) -> None:
         self.manifest = open_artifacts(artifacts)
-        root = Path(self.manifest["root"])
-        self.config = self.manifest["model"]
+        root = Path(self.manifest.root)
+        self.config = self.manifest.model
         self.rom = Rom(root, self.manifest)
         self.sram = Sram(root, self.manifest)
         self.program = isa.decode((root / PROGRAM_BIN).read_bytes(), source=str(root / PROGRAM_BIN))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from romac.backend.isa import FLAG_ACCUMULATE, Instr, Opcode, bits_f32
+from romac.spec.isa import FLAG_ACCUMULATE, Instr, Opcode, bits_f32
 
 
 def embed(m, i: Instr) -> None:

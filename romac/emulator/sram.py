@@ -10,30 +10,27 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from romac.artifacts import sram_file
-from romac.codecs import fp8_e4m3_decode, fp16_decode
+from romac.codecs.elements import decode_lora, kv_saturate
 from romac.errors import RomacError
-from romac.layout import SLOT_ENTRY_FORMAT
-
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "fp8_e4m3": ml_dtypes.float8_e4m3fn}
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+from romac.spec.formats import element_format
+from romac.spec.layout import SLOT_ENTRY_BYTES, SLOT_ENTRY_FORMAT
+from romac.spec.manifest import Manifest, sram_file
 
 
 class Sram:
-    def __init__(self, root: Path, manifest: dict) -> None:
+    def __init__(self, root: Path, manifest: Manifest) -> None:
         self.root = root
-        self.map = manifest["sram"]
-        cfg = manifest["model"]
-        self.bytes = np.zeros(self.map["bytes"], np.uint8)
-        kv = self.map["kv"]
-        self.kv_format = kv["format"]
+        self.map = manifest.sram
+        cfg = manifest.model
+        self.bytes = np.zeros(self.map.bytes, np.uint8)
+        kv = self.map.kv
+        self.kv_format = kv.format
         kv_dim = cfg["num_kv_heads"] * cfg["head_dim"]
-        view = self.bytes[kv["offset"] : kv["offset"] + kv["bytes"]].view(KV_DTYPES[self.kv_format])
-        self.kv = view.reshape(cfg["num_layers"], 2, kv["max_context"], kv_dim)
-        self.max_context = kv["max_context"]
+        view = self.bytes[kv.offset : kv.offset + kv.bytes].view(element_format(self.kv_format).dtype)
+        self.kv = view.reshape(cfg["num_layers"], 2, kv.max_context, kv_dim)
+        self.max_context = kv.max_context
         # What attention reads: the stored cache as float32. For fp32 it is the stored words themselves; for
         # fp16/fp8 a decoded copy that store_kv refreshes for the rows it has just written (decoded from the
         # stored bytes, which stay the source of truth), so a step decodes its new rows, not the whole context.
@@ -46,35 +43,28 @@ class Sram:
         """Make one adapter resident (its image copied into the adapter region), or none."""
         self.lora = {}
         self.adapter = name
-        region = self.map["adapter_region"]
-        self.bytes[region["offset"] : region["offset"] + region["bytes"]] = 0
+        self.bytes[: self.map.adapter_region_bytes] = 0
         if name is None:
             return
-        layouts = {a["name"]: a for a in self.map["adapters"]}
-        if name not in layouts:
+        layout = self.map.adapter(name)
+        if layout is None:
             raise RomacError(
                 f"no adapter named {name!r} in these artifacts",
                 where="--adapter",
-                hint=f"compiled adapters: {', '.join(layouts) or 'none'}",
+                hint=f"compiled adapters: {', '.join(a.name for a in self.map.adapters) or 'none'}",
             )
-        layout = layouts[name]
         image = np.fromfile(self.root / sram_file(name), dtype=np.uint8)
-        self.bytes[region["offset"] : region["offset"] + image.size] = image
-        entry = struct.calcsize(SLOT_ENTRY_FORMAT)
-        fmt = self.map["lora_format"]
-        for slot, a_off, b_off, rank, in_f, out_f in layout["entries"]:
-            a_scale, b_scale, scaling, stored_rank = struct.unpack_from(SLOT_ENTRY_FORMAT, self.bytes, slot * entry)
-            if stored_rank != rank:
-                raise RomacError(f"slot {slot} holds rank {stored_rank}, the manifest says {rank}", where=sram_file(name))
-            a = self._matrix(a_off, (rank, in_f), fmt, a_scale)
-            b = self._matrix(b_off, (out_f, rank), fmt, b_scale)
-            self.lora[slot] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), np.float32(scaling))
-
-    def _matrix(self, offset: int, shape: tuple[int, int], fmt: str, scale: float) -> np.ndarray:
-        n = shape[0] * shape[1]
-        if fmt == "fp8_e4m3":
-            return fp8_e4m3_decode(self.bytes[offset : offset + n], np.float32(scale)).reshape(shape)
-        return fp16_decode(self.bytes[offset : offset + 2 * n].view("<u2")).reshape(shape)
+        self.bytes[: image.size] = image
+        fmt = self.map.lora_format
+        for e in layout.entries:
+            a_scale, b_scale, scaling, stored_rank = struct.unpack_from(SLOT_ENTRY_FORMAT, self.bytes,
+                                                                        e.slot * SLOT_ENTRY_BYTES)
+            if stored_rank != e.rank:
+                raise RomacError(f"slot {e.slot} holds rank {stored_rank}, the manifest says {e.rank}",
+                                 where=sram_file(name))
+            a = decode_lora(self.bytes[e.a_offset:], (e.rank, e.in_features), fmt, a_scale)
+            b = decode_lora(self.bytes[e.b_offset:], (e.out_features, e.rank), fmt, b_scale)
+            self.lora[e.slot] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), np.float32(scaling))
 
     def store_kv(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         end = pos0 + k.shape[0]
@@ -84,8 +74,7 @@ class Sram:
                 where="KV cache",
                 hint="recompile with a larger --max-context, or use a shorter prompt / fewer new tokens",
             )
-        if self.kv_format == "fp8_e4m3":  # saturate like the hardware instead of producing NaN
-            k, v = np.clip(k, -FP8_MAX, FP8_MAX), np.clip(v, -FP8_MAX, FP8_MAX)
+        k, v = kv_saturate(k, self.kv_format), kv_saturate(v, self.kv_format)
         self.kv[layer, 0, pos0:end] = k
         self.kv[layer, 1, pos0:end] = v
         if self._kv_f32 is not self.kv:

@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Sequence
 
 from romac.errors import RomacError
+from romac.frontend.bnb import describe_bnb
+from romac.frontend.builtin import builtin_model
+from romac.frontend.gguf import GGUF_MAGIC, describe_gguf, is_gguf, load_gguf
+from romac.frontend.hf import load_hf_checkpoint
+from romac.frontend.onnx_model import describe_onnx, load_onnx_model
+from romac.frontend.peft import load_peft_adapter, parse_adapter_arg
+from romac.frontend.tokenizer import from_hf_dir
 from romac.ir import LoraAdapter, Model
 
 
@@ -28,7 +35,6 @@ def detect(spec: str | None) -> str:
             where=str(path),
             hint="point at the folder save_pretrained wrote",
         )
-    from romac.frontend.gguf import GGUF_MAGIC, is_gguf
 
     if is_gguf(path):
         return "gguf"
@@ -47,17 +53,14 @@ def describe(spec: str | None, kind: str | None = None) -> str:
     """A short description of what ``spec`` is, for ``romac compile`` to say what it found (header only)."""
     kind = kind or detect(spec)
     if kind == "gguf":
-        from romac.frontend.gguf import describe_gguf
 
         return describe_gguf(spec)
     if kind == "onnx":
-        from romac.frontend.onnx_model import describe_onnx
 
         return describe_onnx(spec)
     if kind == "builtin":
         return "the built-in model (2-layer LLaMA, GQA) with its built-in LoRA adapter"
     if kind == "hf":
-        from romac.frontend.bnb import describe_bnb
 
         return describe_bnb(spec) or f"{kind} checkpoint {spec}"
     return f"{kind} checkpoint {spec}"
@@ -67,25 +70,20 @@ def load_model(spec: str | None, with_builtin_adapter: bool = True) -> Model:
     """The IR of a checkpoint (or of the built-in model when ``spec`` is None or 'builtin')."""
     kind = detect(spec)
     if kind == "builtin":
-        from romac.frontend.builtin import builtin_model
 
         return builtin_model(with_adapter=with_builtin_adapter)
     if kind == "gguf":
-        from romac.frontend.gguf import load_gguf
 
         return load_gguf(spec)
     if kind == "onnx":  # a tokenizer.json beside the graph (as HF/optimum exports leave it) comes along
-        from romac.frontend.onnx_model import load_onnx_model
 
         return with_dir_tokenizer(load_onnx_model(spec), Path(spec).parent)
-    from romac.frontend.hf import load_hf_checkpoint
 
     return with_dir_tokenizer(load_hf_checkpoint(spec), spec)
 
 
 def with_dir_tokenizer(model: Model, directory: str | Path) -> Model:
     """The model carrying the ``tokenizer.json`` of its checkpoint directory, when there is one."""
-    from romac.frontend.tokenizer import from_hf_dir
 
     found = from_hf_dir(directory)
     if found is None:
@@ -96,7 +94,6 @@ def with_dir_tokenizer(model: Model, directory: str | Path) -> Model:
 
 def attach_adapters(model: Model, specs: Sequence[str]) -> Model:
     """Add PEFT adapters given as ``NAME=PATH`` (or ``PATH``) to the model."""
-    from romac.frontend.peft import load_peft_adapter, parse_adapter_arg
 
     adapters: list[LoraAdapter] = list(model.adapters)
     for spec in specs:

@@ -45,21 +45,25 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from romac.codecs import BNB_DYNAMIC_SIGNED, BNB_NESTED_BLOCKSIZE, FP4_VALUES, NF4_VALUES, QuantTensor, get_codec
+from romac.codecs import QuantTensor
+from romac.codecs.bnb import denest_absmax
+from romac.codecs.bits import unpack_codes
 from romac.errors import RomacError
+from romac.frontend.hf_config import canonical_name, open_checkpoint_files, parse_hf_config
 from romac.frontend.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from romac.ir import LazyWeight, Model, expected_shape, make_model, tensor_names
+from romac.spec.formats import (BNB_BLOCKSIZES, BNB_DYNAMIC_SIGNED, BNB_NESTED_BLOCKSIZE, BNB_QUANT_TYPES,
+                                format_class, weight_format)
 
 __all__ = ["BNB_BLOCKSIZES", "Bnb4bitWeight", "load_bnb_checkpoint", "is_bnb_config"]
 
 f32 = np.float32
-BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_STATE = "quant_state.bitsandbytes__"
 _4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _QS_FIELDS = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"}
 _NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
 _DTYPES = ("float32", "float16", "bfloat16")
-_TABLES = {"nf4": NF4_VALUES, "fp4": FP4_VALUES}
+_TABLES = {name: format_class(name).values for name in BNB_QUANT_TYPES}
 _INT8_RECIPROCAL = f32(7.874015718698502e-3)  # bitsandbytes' int8_vectorwise_dequant: A * SCB * (1/127)
 
 
@@ -117,7 +121,7 @@ class Bnb4bitWeight:
         return RomacError(f"tensor {self.key!r}: {what}", where=str(self.file.path))
 
     def _absmax(self, b0: int, b1: int) -> np.ndarray:
-        """float32 absmax of blocks [b0, b1), de-nested exactly as bitsandbytes does."""
+        """float32 absmax of blocks [b0, b1), de-nested exactly as bitsandbytes does (and the codec)."""
         a = self._part("absmax")[b0:b1]
         if not self.double_quant:
             am = np.asarray(a, f32)
@@ -127,12 +131,12 @@ class Bnb4bitWeight:
         nested = self._part("nested_absmax")
         if not np.isfinite(nested).all():
             raise self._bad("nested_absmax holds inf or NaN")
-        return BNB_DYNAMIC_SIGNED[a] * nested[np.arange(b0, b1) // BNB_NESTED_BLOCKSIZE] + f32(self.offset)
+        return denest_absmax(a, nested, self.offset, first_block=b0)
 
     def load_quantized(self) -> QuantTensor:
         """The stored codes and statistics, untouched, as the codec's QuantTensor."""
         n = math.prod(self.shape)
-        codes = _unpack_nibbles(self._packed()[: -(-n // 2)], n).reshape(self.shape)
+        codes = unpack_codes(self._packed()[: -(-n // 2)], 4, n).reshape(self.shape)
         absmax = np.array(self._part("absmax"))
         if not self.double_quant:
             self._absmax(0, absmax.size)  # checks finite, non-negative
@@ -148,7 +152,7 @@ class Bnb4bitWeight:
         bs = self.blocksize
         b0, b1 = e0 // bs, -(-e1 // bs)
         p0, p1 = e0 // 2, -(-e1 // 2)
-        codes = _unpack_nibbles(self._packed()[p0:p1], 2 * (p1 - p0))[e0 - 2 * p0 : e1 - 2 * p0]
+        codes = unpack_codes(self._packed()[p0:p1], 4, 2 * (p1 - p0))[e0 - 2 * p0 : e1 - 2 * p0]
         values = _TABLES[self.codec_spec["format"]]
         scale = np.repeat(self._absmax(b0, b1), bs)[e0 - b0 * bs : e1 - b0 * bs]
         return values[codes] * scale
@@ -160,14 +164,6 @@ class Bnb4bitWeight:
         cols = self.shape[1]
         stop = min(stop, self.shape[0])
         return self._dequantize(start * cols, stop * cols).reshape(stop - start, cols)
-
-
-def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
-    """bitsandbytes' packing undone: byte i holds element 2i in its high nibble and 2i+1 in its low one."""
-    out = np.empty(2 * packed.size, np.uint8)
-    np.right_shift(packed, 4, out=out[0::2])
-    np.bitwise_and(packed, 15, out=out[1::2])
-    return out[:n]
 
 
 @dataclass(frozen=True)
@@ -295,7 +291,7 @@ def _bnb4_weight(ck: _Checkpoint, name: str, weight_key: str, qs_key: str, want:
         for k in ("nested_absmax", "nested_quant_map"):
             if f"{weight_key}.{k}" in ck.key_files:
                 raise ck.bad(f"{weight_key}.{k}", f"is present but {qs_key!r} has no nested_* fields")
-    spec = get_codec(qt, blocksize=bs, double_quant=nested).spec()
+    spec = weight_format(qt, blocksize=bs, double_quant=nested).spec()
     return Bnb4bitWeight(name, want, spec, wf, weight_key, float(f32(state.get("nested_offset", 0.0))),
                          state["dtype"], parts)
 
@@ -335,8 +331,6 @@ def _int8_weight(ck: _Checkpoint, name: str, key: str, want: tuple[int, ...]) ->
 
 def load_bnb_checkpoint(root: Path, raw_cfg: Mapping[str, Any], key_files: Mapping[str, SafetensorsFile] | None = None) -> Model:
     """A bitsandbytes-serialized HF checkpoint directory as a lazily loaded IR Model (see the module doc)."""
-    from romac.frontend.hf import canonical_name, open_checkpoint_files, parse_hf_config
-
     cfg_path = root / "config.json"
     qc = raw_cfg.get("quantization_config")
     load_4bit = bool(qc.get("load_in_4bit") or qc.get("_load_in_4bit"))

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from romac.errors import RomacError
+from romac.frontend.tokenizer import TokenizerUnavailable, from_gguf_metadata
 from romac.ir import ROPE_TABLE, ArrayWeight, LazyWeight, Model, ModelConfig, expected_shape, make_model, tensor_names
 
 __all__ = [
@@ -544,8 +545,6 @@ def load_gguf(path: str | Path, *, with_tokenizer: bool = True) -> Model:
 
     tokenizer = None
     if with_tokenizer:
-        from romac.frontend.tokenizer import TokenizerUnavailable, from_gguf_metadata
-
         try:
             tokenizer, source["tokenizer"] = from_gguf_metadata(f.metadata, where=f.where)
         except TokenizerUnavailable as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from romac.errors import RomacError
-from romac.frontend.hf import read_config_json
+from romac.frontend.hf_config import read_config_json
 from romac.frontend.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from romac.ir import PROJECTIONS, LazyWeight, LoraAdapter, ModelConfig, projection_tensor
 

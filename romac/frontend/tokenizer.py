@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from romac.errors import RomacError
+from romac.spec.manifest import TOKENIZER, Manifest
 
 __all__ = [
     "TokenizerUnavailable",
@@ -272,13 +273,11 @@ def from_gguf_metadata(meta: Mapping[str, Any], where: str = "GGUF") -> tuple[st
 # -- artifacts ---------------------------------------------------------------------------------------------------
 
 
-def artifact_tokenizer(manifest: Mapping[str, Any]):
+def artifact_tokenizer(manifest: Manifest):
     """The tokenizers.Tokenizer of an (opened, checked) artifact directory; a one-line error if it has none."""
-    from romac.artifacts import TOKENIZER
-
-    root = Path(manifest["root"])
-    if TOKENIZER not in manifest.get("files", {}):
-        why = (manifest.get("source") or {}).get("tokenizer")
+    root = Path(manifest.root)
+    if TOKENIZER not in manifest.files:
+        why = (manifest.source or {}).get("tokenizer")
         reason = why.removeprefix("unavailable: ") if isinstance(why, str) and why.startswith("unavailable") else (
             "the checkpoint it was compiled from carried no tokenizer")
         raise RomacError(

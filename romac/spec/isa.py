@@ -1,4 +1,4 @@
-"""The ROMA instruction set: opcodes, buffers, binary encoding, validation, listing and assembler.
+"""The ROMA instruction set: opcodes, buffers, binary encoding, validation, and the listing of an instruction.
 
 The ISA is coarse-grained: one instruction is one whole operation over a placed region (a matrix-vector
 product over every tile of a matrix, one RMSNorm, one attention over the cached context). A program is ONE
@@ -10,14 +10,14 @@ Every instruction is :data:`INSTR_BYTES` bytes, little-endian, laid out by :data
     opcode u8 | dst u8 | src0 u8 | src1 u8 | layer u16 | flags u16 | a u32 | b u32
 
 Which fields an opcode uses, and what its ``a``/``b`` operands mean, is declared once in :data:`OPCODES`;
-encoding checks, decoding checks, :func:`validate`, :func:`disassemble`, :func:`assemble` and the opcode
-table of the documentation (:func:`markdown_opcode_table`) are all derived from it. Unused fields must be 0.
+encoding checks, decoding checks, :func:`validate`, the listing of one instruction (:func:`format_instr`) and
+the listing, assembler and documentation table of :mod:`romac.spec.asm` are all derived from it. Unused fields
+must be 0.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -44,9 +44,6 @@ __all__ = [
     "f32_bits",
     "bits_f32",
     "format_instr",
-    "disassemble",
-    "assemble",
-    "markdown_opcode_table",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -62,7 +59,7 @@ _STRUCT = struct.Struct(INSTR_FORMAT)
 
 # The encoded fields, in struct order, with their bit widths (derived from the format string).
 _FIELDS = ("op", "dst", "src0", "src1", "layer", "flags", "a", "b")
-_FIELD_BITS = {name: 8 * struct.calcsize("<" + code) for name, code in zip(_FIELDS, INSTR_FORMAT[1:])}
+FIELD_BITS = {name: 8 * struct.calcsize("<" + code) for name, code in zip(_FIELDS, INSTR_FORMAT[1:])}
 _BUF_FIELDS = ("dst", "src0", "src1")
 
 
@@ -207,9 +204,9 @@ OPCODES: dict[Opcode, OpSpec] = {
 }
 assert set(OPCODES) == set(Opcode)
 
-_BY_MNEMONIC = {s.mnemonic: s for s in OPCODES.values()}
-_BUF_BY_NAME = {b.name.lower(): b for b in Buf}
-_FLAG_BY_NAME = {name: bit for bit, name in FLAG_NAMES.items()}
+BY_MNEMONIC = {s.mnemonic: s for s in OPCODES.values()}
+BUF_BY_NAME = {b.name.lower(): b for b in Buf}
+FLAG_BY_NAME = {name: bit for bit, name in FLAG_NAMES.items()}
 
 
 def spec(op: int) -> OpSpec:
@@ -267,7 +264,7 @@ def bits_f32(b: int) -> float:
     return float(np.array(b, dtype=np.uint32).view(np.float32))
 
 
-def _field_problem(values: dict[str, object]) -> str | None:
+def field_problem(values: dict[str, object]) -> str | None:
     """What is wrong with one instruction's encoded fields, or None. ``values`` maps _FIELDS to ints."""
     op = values["op"]
     if not isinstance(op, int) or isinstance(op, bool) or op not in _OPCODE_VALUES:
@@ -277,8 +274,8 @@ def _field_problem(values: dict[str, object]) -> str | None:
         v = values[name]
         if not isinstance(v, int) or isinstance(v, bool):
             return f"{s.mnemonic}: field {name} must be an int, got {v!r}"
-        if not 0 <= v < (1 << _FIELD_BITS[name]):
-            return f"{s.mnemonic}: field {name} = {v} does not fit in {_FIELD_BITS[name]} unsigned bits"
+        if not 0 <= v < (1 << FIELD_BITS[name]):
+            return f"{s.mnemonic}: field {name} = {v} does not fit in {FIELD_BITS[name]} unsigned bits"
     for name in _BUF_FIELDS:
         v = values[name]
         if s.uses(name):
@@ -295,16 +292,16 @@ def _field_problem(values: dict[str, object]) -> str | None:
     return None
 
 
-def _values(ins: Instr) -> dict[str, object]:
+def instr_fields(ins: Instr) -> dict[str, object]:
     return {name: getattr(ins, name) for name in _FIELDS}
 
 
-def _instr_where(i: int, source: str | None = None) -> str:
+def instr_where(i: int, source: str | None = None) -> str:
     where = f"instruction {i} (byte {i * INSTR_BYTES})"
     return f"{source}, {where}" if source else where
 
 
-_HINT = "the program does not match this version of the ROMA ISA or is corrupted; recompile the model"
+PROGRAM_HINT = "the program does not match this version of the ROMA ISA or is corrupted; recompile the model"
 
 
 def encode(program: Sequence[Instr]) -> bytes:
@@ -315,9 +312,9 @@ def encode(program: Sequence[Instr]) -> bytes:
     """
     out = bytearray()
     for i, ins in enumerate(program):
-        problem = _field_problem(_values(ins))
+        problem = field_problem(instr_fields(ins))
         if problem:
-            raise ArtifactError(problem, where=_instr_where(i))
+            raise ArtifactError(problem, where=instr_where(i))
         out += _STRUCT.pack(*(int(getattr(ins, name)) for name in _FIELDS))
     return bytes(out)
 
@@ -341,9 +338,9 @@ def decode(data: bytes, *, source: str = "program") -> list[Instr]:
     program = []
     for i, fields in enumerate(_STRUCT.iter_unpack(data)):
         values = dict(zip(_FIELDS, fields))
-        problem = _field_problem(values)
+        problem = field_problem(values)
         if problem:
-            raise ArtifactError(problem, where=_instr_where(i, source), hint=_HINT)
+            raise ArtifactError(problem, where=instr_where(i, source), hint=PROGRAM_HINT)
         s = OPCODES[Opcode(values["op"])]
         for name in s.bufs:
             values[name] = Buf(values[name])
@@ -360,7 +357,7 @@ def validate(program: Sequence[Instr]) -> None:
     if len(program) == 0:
         raise ArtifactError("the program is empty", hint="a program ends with HALT")
     for i, ins in enumerate(program):
-        problem = _field_problem(_values(ins))
+        problem = field_problem(instr_fields(ins))
         if problem is None:
             s = spec(ins.op)
             for name in ("a", "b"):
@@ -370,11 +367,11 @@ def validate(program: Sequence[Instr]) -> None:
             if problem is None and s.op is Opcode.ATTN and ins.a % ins.b:
                 problem = f"attn: heads={ins.a} is not a multiple of kv_heads={ins.b}"
         if problem:
-            raise ArtifactError(problem, where=_instr_where(i), hint=_HINT)
+            raise ArtifactError(problem, where=instr_where(i), hint=PROGRAM_HINT)
     if program[-1].op != Opcode.HALT:
         raise ArtifactError(
             f"the last instruction is {Opcode(program[-1].op).mnemonic}, not halt",
-            where=_instr_where(len(program) - 1),
+            where=instr_where(len(program) - 1),
             hint="a program ends with HALT",
         )
 
@@ -396,18 +393,6 @@ def _f32_text(bits: int) -> str:
     if f32_bits(float(text)) == bits:
         return text
     return x.hex()
-
-
-def _parse_f32(text: str) -> int:
-    t = text.strip().lower()
-    if re.fullmatch(r"0x[0-9a-f]+", t):  # raw bits
-        bits = int(t, 16)
-        if bits >= 1 << 32:
-            raise ValueError(f"raw float32 bits {text} do not fit in 32 bits")
-        return bits
-    if "0x" in t:
-        return f32_bits(float.fromhex(t))
-    return f32_bits(float(t))
 
 
 def _clean(comment: str) -> str:
@@ -449,168 +434,29 @@ def _comment(ins: Instr, region_names: Sequence[str] | None, slot_names: Sequenc
     return ""
 
 
-_MNEMONIC_WIDTH = 9
-_OPERANDS_WIDTH = 24
+MNEMONIC_WIDTH = 9
+OPERANDS_WIDTH = 24
 
 
 def format_instr(
     ins: Instr, region_names: Sequence[str] | None = None, slot_names: Sequence[str] | None = None
 ) -> str:
     """One instruction as listing text without the address, e.g. ``matvec   q, h, r=5 ; layers.0...``."""
-    text = f"{spec(ins.op).mnemonic:<{_MNEMONIC_WIDTH}}{_operands(ins)}"
+    text = f"{spec(ins.op).mnemonic:<{MNEMONIC_WIDTH}}{_operands(ins)}"
     comment = _comment(ins, region_names, slot_names)
     if comment:
-        text = f"{text:<{_MNEMONIC_WIDTH + _OPERANDS_WIDTH}} ; {comment}"
+        text = f"{text:<{MNEMONIC_WIDTH + OPERANDS_WIDTH}} ; {comment}"
     return text.rstrip()
 
 
-def disassemble(
-    program: Sequence[Instr],
-    region_names: Sequence[str] | None = None,
-    slot_names: Sequence[str] | None = None,
-) -> str:
-    """The listing of ``program``, one instruction a line, which :func:`assemble` turns back into it.
-
-    Each line: the address (instruction index), the mnemonic, the operands (buffers by lower-case name, then
-    ``layer=``, ``r=``/``slot=``/``eps=``/``heads=``/``kv_heads=``, then flags such as ``acc``), and after
-    ``;`` the instruction's comment or, when it has none, the name of its region or LoRA slot.
-    """
+def validate_operands(program: Sequence[Instr], n_regions: int, n_slots: int) -> None:
+    """Every region and slot operand of ``program`` names one of ``n_regions`` regions / ``n_slots`` slots."""
     for i, ins in enumerate(program):
-        problem = _field_problem(_values(ins))
-        if problem:
-            raise ArtifactError(problem, where=_instr_where(i))
-    width = max(5, len(str(max(len(program) - 1, 0))))
-    lines = [
-        f"; ROMA program: {len(program)} instructions of {INSTR_BYTES} bytes",
-        f"{';':<{width - 4}}addr  {'op':<{_MNEMONIC_WIDTH}}{'operands':<{_OPERANDS_WIDTH}} ; comment",
-    ]
-    for i, ins in enumerate(program):
-        lines.append(f"{i:>{width}}  {format_instr(ins, region_names, slot_names)}")
-    return "\n".join(lines) + "\n"
-
-
-def _parse_uint(text: str, bits: int, what: str) -> int:
-    t = text.strip()
-    if re.fullmatch(r"[0-9]+", t):
-        v = int(t, 10)
-    elif re.fullmatch(r"0[xX][0-9a-fA-F]+", t):
-        v = int(t, 16)
-    else:
-        raise ValueError(f"{what} must be an unsigned integer, got {text!r}")
-    if v >= 1 << bits:
-        raise ValueError(f"{what} = {v} does not fit in {bits} unsigned bits")
-    return v
-
-
-def _assemble_line(code: str, comment: str) -> Instr:
-    words = code.split(None, 1)
-    head = words[0]
-    rest = words[1] if len(words) > 1 else ""
-    if re.fullmatch(r"[0-9]+", head):  # the address column: informational, not checked
-        words = rest.split(None, 1)
-        if not words:
-            raise ValueError("an address without an instruction")
-        head = words[0]
-        rest = words[1] if len(words) > 1 else ""
-    s = _BY_MNEMONIC.get(head.lower())
-    if s is None:
-        raise ValueError(f"unknown mnemonic {head!r} (known: {', '.join(sorted(_BY_MNEMONIC))})")
-    tokens = [t.strip() for t in rest.split(",")] if rest.strip() else []
-    values: dict[str, int] = {}
-    bufs: list[Buf] = []
-    flags = 0
-    keys: dict[str, str] = {}  # listing keyword -> field
-    if s.layer:
-        keys["layer"] = "layer"
-    for name in ("a", "b"):
-        operand: Operand | None = getattr(s, name)
-        if operand is not None:
-            keys[operand.key] = name
-    for tok in tokens:
-        if not tok:
-            raise ValueError("empty operand (a stray comma?)")
-        if "=" in tok:
-            key, _, val = (p.strip() for p in tok.partition("="))
-            key = key.lower()
-            if key not in keys:
-                allowed = ", ".join(f"{k}=" for k in keys) or "none"
-                raise ValueError(f"{s.mnemonic} has no operand {key}= (its keyword operands: {allowed})")
-            name = keys[key]
-            if name in values:
-                raise ValueError(f"operand {key}= given twice")
-            operand = getattr(s, name) if name in ("a", "b") else None
-            if operand is not None and operand.kind == "f32":
-                try:
-                    values[name] = _parse_f32(val)
-                except (ValueError, OverflowError) as exc:
-                    raise ValueError(f"{key}= must be a float, got {val!r} ({exc})") from None
-            else:
-                values[name] = _parse_uint(val, _FIELD_BITS[name], key)
-        elif tok.lower() in _FLAG_BY_NAME:
-            bit = _FLAG_BY_NAME[tok.lower()]
-            if not s.flags & bit:
-                raise ValueError(f"{s.mnemonic} does not take the flag {tok.lower()}")
-            if flags & bit:
-                raise ValueError(f"flag {tok.lower()} given twice")
-            flags |= bit
-        elif tok.lower() in _BUF_BY_NAME:
-            if values:
-                raise ValueError(f"buffer {tok} after a keyword operand (buffers come first)")
-            bufs.append(_BUF_BY_NAME[tok.lower()])
-        else:
-            raise ValueError(
-                f"unknown operand {tok!r} (buffers: {', '.join(_BUF_BY_NAME)}; flags: {', '.join(_FLAG_BY_NAME)})"
-            )
-    if len(bufs) != len(s.bufs):
-        raise ValueError(
-            f"{s.mnemonic} takes {len(s.bufs)} buffer operand(s) ({', '.join(s.bufs) or 'none'}), got {len(bufs)}"
-        )
-    missing = [k for k, name in keys.items() if name not in values]
-    if missing:
-        raise ValueError(f"{s.mnemonic} is missing operand(s) {', '.join(k + '=' for k in missing)}")
-    return Instr(s.op, **dict(zip(s.bufs, bufs)), **values, flags=flags, comment=comment)
-
-
-def assemble(text: str, *, source: str | None = None) -> list[Instr]:
-    """The instructions of a listing (the inverse of :func:`disassemble`).
-
-    Lines are ``[address] mnemonic operands [; comment]``; the address column is informational and ignored.
-    Blank lines and lines holding only a ``;`` comment are skipped. The text after ``;`` becomes the
-    instruction's comment. Raises :class:`RomacError` with the line number on anything it cannot read.
-    A final HALT is not required here; call :func:`validate` for whole-program checks.
-    """
-    program = []
-    for n, line in enumerate(text.split("\n"), start=1):
-        code, sep, comment = line.partition(";")
-        code = code.strip()
-        if not code:
-            continue
-        try:
-            program.append(_assemble_line(code, comment.strip() if sep else ""))
-        except ValueError as exc:
-            where = f"{source}, line {n}" if source else f"line {n}"
-            raise RomacError(str(exc), where=where, hint=f"in {line.strip()!r}") from None
-    return program
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Documentation
-
-
-def markdown_opcode_table() -> str:
-    """The opcode table of ``docs/isa.md``, generated from :data:`OPCODES` (a test keeps the doc in sync)."""
-    rows = [
-        "| opcode | mnemonic | buffers | layer | flags | a | b | semantics |",
-        "| ---: | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for s in OPCODES.values():
-
-        def operand(o: Operand | None) -> str:
-            return f"`{o.key}=` {o.kind}: {o.doc}" if o else "—"
-
-        flags = ", ".join(f"`{FLAG_NAMES[b]}` (bit {b.bit_length() - 1})" for b in sorted(FLAG_NAMES) if s.flags & b)
-        rows.append(
-            f"| {int(s.op)} | `{s.mnemonic}` | {', '.join(s.bufs) or '—'} | {'yes' if s.layer else '—'} "
-            f"| {flags or '—'} | {operand(s.a)} | {operand(s.b)} | {s.summary} |"
-        )
-    return "\n".join(rows) + "\n"
+        s = spec(ins.op)
+        for name in ("a", "b"):
+            operand = getattr(s, name)
+            if operand is not None and operand.kind in ("region", "slot"):
+                limit = n_regions if operand.kind == "region" else n_slots
+                if not 0 <= getattr(ins, name) < limit:
+                    raise ArtifactError(f"{s.mnemonic}: {operand.key}={getattr(ins, name)} is not one of the "
+                                        f"{limit} {operand.kind}s", where=instr_where(i), hint=PROGRAM_HINT)

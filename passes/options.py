@@ -1,0 +1,20 @@
+"""What the user chose beyond the target, as one typed object every pass receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Compile options; each ``None`` means: as the target (or the format's default) says."""
+
+    quant: str | None = None  # format of the projection matrices, overriding the target's
+    quant_embedding: str | None = None  # format of the embedding / LM head, overriding the target's
+    max_context: int | None = None  # KV-cache length, overriding the target's default
+    rom_formats: tuple[str, ...] = ()  # bank images to write beside each raw .rom (romac.backend.romformats)
+    # nf4/fp4 (bitsandbytes) parameters for the formats above; None: bitsandbytes' / QLoRA's defaults
+    bnb_blocksize: int | None = None  # elements per absmax block (default 64)
+    double_quant: bool | None = None  # quantize the absmax values too (default True, as QLoRA)
+    bnb_threads: int | None = None  # torch threads whose float32 mean(absmax) to reproduce (default 1)
+    bnb_cpu_repacked: bool | None = None  # reproduce bnb's CPU inference repacking of the absmax (default False)
