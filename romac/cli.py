@@ -18,12 +18,14 @@ from romac.backend.report import build_report
 from romac.backend.romformats import parse_formats
 from romac.driver import compile_checkpoint
 from romac.emulator import Machine
+from romac.emulator.trace import cross_check, format_reads, instruction_reads
 from romac.errors import RomacError
 from romac.frontend import describe, detect
 from romac.frontend.tokenizer import artifact_tokenizer, decode, encode
 from romac.passes import CompileOptions
 from romac.planning import plan_checkpoint
 from romac.spec.formats import WEIGHT_FORMATS
+from romac.spec.isa import format_instr
 from romac.summary import artifacts_report, capacity_lines, performance_brief, performance_lines, write_plots
 from romac.targets import builtin_targets, load_target
 from romac.verify import verify as run_verify
@@ -128,7 +130,12 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids; prints the generated ids.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=16, show_default=True)
 @click.option("--dump-logits", type=click.Path(dir_okay=False), default=None, help="Write logits of every position to a .npy file.")
-def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits) -> None:
+@click.option("--trace", is_flag=True,
+              help="List (on stderr) which B-ROM banks and words each instruction reads, and check the regions it "
+                   "reads against an independent decoder of the bank images (exit 1 on a difference).")
+@click.option("--trace-tiles", type=click.IntRange(min=0), default=8, show_default=True,
+              help="With --trace: tiles checked per region (the first, the last, random ones; 0: every tile).")
+def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits, trace, trace_tiles) -> None:
     """Run the emulator on an artifact directory: print the prompt and its continuation (--prompt) or the ids."""
     if prompt_text is not None and prompt_ids is not None:
         raise RomacError("--prompt and --prompt-ids exclude each other", where="romac run", hint="give one of them")
@@ -145,6 +152,8 @@ def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits
             raise RomacError("a prompt is required", where="--prompt-ids",
                              hint="e.g. --prompt-ids 1,2,3, or --prompt TEXT when the artifacts carry a tokenizer")
     machine = Machine(artifacts, adapter=adapter)
+    if trace:
+        _trace(machine, trace_tiles or None)
     eos = machine.config.get("eos_token_id")
     new, logits = machine.generate(ids, max_new_tokens, stop=eos)
     if tok is not None:
@@ -154,6 +163,27 @@ def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits
         click.echo(",".join(str(t) for t in new))
     if dump_logits:
         np.save(dump_logits, logits.astype(np.float32))
+
+
+def _trace(machine: Machine, tiles: int | None) -> None:
+    """What ``run --trace`` prints before running: every instruction with its B-ROM reads, then the check."""
+    manifest = machine.manifest
+    names = [r.name for r in manifest.regions]
+    used: list[int] = []
+    for i, ins in enumerate(machine.program):
+        reads = instruction_reads(ins, manifest)
+        used += [manifest.region_ids()[name] for name, _ in reads if manifest.region_ids()[name] not in used]
+        line = f"trace {i:5d}  {format_instr(ins, names, manifest.sram.slots)}"
+        click.echo(line + (f"\n             reads {format_reads(reads)}" if reads else ""), err=True)
+    n, problems = cross_check(machine.rom.banks, manifest, lambda rid: machine.rom.value(rid, cache=False), used, tiles)
+    for p in problems:
+        click.echo(f"trace: {p}", err=True)
+    if problems:
+        click.echo(f"romac: the bank images do not decode to what the emulator computes with ({len(problems)} "
+                   "regions differ)", err=True)
+        sys.exit(1)
+    click.echo(f"trace: {len(used)} regions, {n:,} tiles read by the independent decoder: equal to the emulator's values",
+               err=True)
 
 
 @cli.command()
