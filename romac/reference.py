@@ -1,23 +1,33 @@
-"""The golden model: the quantized model (plus LoRA) computed in float64 numpy, straight from the IR.
+"""The golden model: the quantized model (plus LoRA) computed in float64 numpy, by the IR graph's reference semantics.
 
 It shares nothing with the emulator but the codecs: weights come from the source checkpoint through the
 front-end and are quantized and dequantized by the same codec definitions the compiler used (the formats are
 read from the artifacts' manifest), LoRA A/B are rounded to the SRAM precision, and K/V to the KV-cache
 precision; everything else is exact float64 arithmetic over the whole sequence at once (no KV cache, no
-tiles, no instructions). The emulator must agree with it to float32 rounding.
+tiles, no instructions), as :mod:`romac.ir.ops` defines each op. The emulator must agree with it to float32
+rounding.
+
+It streams: a weight is read, quantized and dequantized when the op that uses it runs, in row chunks of at most
+``chunk_bytes`` of float64, and dropped again (unless ``keep_weights``: then each is kept, for repeated runs on a
+small model). So its memory is one chunk plus the activations of the sequence, whatever the model's size.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from romac.codecs import get_codec
+from romac.codecs import codec_for
 from romac.codecs.elements import kv_roundtrip, lora_roundtrip
+from romac.ir import Model, stores_codes_of
+from romac.ir.ops import Semantics, run_graph
+from romac.spec.formats import WeightFormat, from_spec
 from romac.spec.manifest import Manifest
-from romac.ir import ATTN_PROJECTIONS, MLP_PROJECTIONS, ROPE_TABLE, Model, projection_tensor, stores_codes_of
+
+#: float64 bytes of one chunk of a weight's rows
+CHUNK_BYTES = 64 << 20
 
 
 class GoldenModel:
@@ -35,9 +45,11 @@ class GoldenModel:
         kv_format: str = "fp32",
         adapter: str | None = None,
         keep_weights: bool = True,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.model = model
         self.keep_weights = keep_weights  # False: read each weight when used (one pass over a big model)
+        self.chunk_bytes = chunk_bytes
         self.cfg = model.config
         self.formats = formats
         self.kv_format = kv_format
@@ -67,77 +79,81 @@ class GoldenModel:
             )
 
     def with_adapter(self, adapter: str | None) -> "GoldenModel":
-        """The same base model with another adapter resident, sharing the dequantized base weights."""
+        """The same base model with another adapter resident, sharing the dequantized base weights it keeps."""
         other = copy.copy(self)
         other._load_adapter(adapter)
         return other
 
+    # ------------------------------------------------------------------ weights as the chip holds them
+    def _format(self, name: str) -> WeightFormat:
+        return from_spec(self.formats[name])
+
+    def _dequantized(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """A stored tensor (or rows of a matrix) as the chip holds it (quantized then dequantized), in float64."""
+        handle = self.model.weights[name]
+        fmt = self._format(name)
+        codec = codec_for(fmt)
+        if stores_codes_of(handle, fmt.spec()):
+            q = handle.load_quantized()  # pre-quantized, compiled to its own format: the stored codes
+            w = codec.dequantize(q).astype(np.float64).reshape(handle.shape)
+            return w if rows is None else w[rows]
+        x = np.asarray(handle.load() if rows is None else handle.load_rows(rows.start, rows.stop), np.float32)
+        w = codec.dequantize(codec.quantize(x if x.ndim == 2 else x.reshape(1, -1))).astype(np.float64)
+        return w.reshape(handle.shape) if rows is None else w
+
     def weight(self, name: str) -> np.ndarray:
-        """A stored tensor as the chip holds it (quantized then dequantized), in float64."""
+        """A whole stored tensor as the chip holds it, in float64 (kept when ``keep_weights``)."""
         w = self._w.get(name)
         if w is None:
-            handle = self.model.weights[name]
-            codec = get_codec(**self.formats[name])
-            if stores_codes_of(handle, self.formats[name]):
-                q = handle.load_quantized()  # pre-quantized, compiled to its own format: the stored codes
-            else:
-                x = np.asarray(handle.load(), np.float32)
-                q = codec.quantize(x if x.ndim == 2 else x.reshape(1, -1))
-            w = codec.dequantize(q).astype(np.float64).reshape(handle.shape)
+            w = self._dequantized(name)
             if self.keep_weights:
                 self._w[name] = w
         return w
 
-    def _linear(self, x: np.ndarray, layer: int, module: str) -> np.ndarray:
-        tensor = projection_tensor(layer, module)
-        y = x @ self.weight(tensor).T
-        if tensor in self.lora:
-            a, b, s = self.lora[tensor]
+    def _row_chunks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) of a matrix as the chip holds it, a chunk at a time. Formats with per-tensor
+        constants (double quantization) are quantized whole, as the compiler does."""
+        if name in self._w or self.keep_weights:
+            yield 0, self.weight(name)
+            return
+        handle = self.model.weights[name]
+        rows, cols = handle.shape
+        if self._format(name).constants_length(handle.shape) or stores_codes_of(handle, self._format(name).spec()):
+            yield 0, self._dequantized(name)
+            return
+        step = max(1, self.chunk_bytes // (8 * cols))
+        for r0 in range(0, rows, step):
+            yield r0, self._dequantized(name, slice(r0, min(rows, r0 + step)))
+
+    def matmul(self, name: str, x: np.ndarray) -> np.ndarray:
+        """``x @ W^T`` with ``W`` as the chip holds it, streamed in row chunks."""
+        rows = self.model.weights[name].shape[0]
+        y = np.empty((*x.shape[:-1], rows), np.float64)
+        for r0, w in self._row_chunks(name):
+            y[..., r0:r0 + w.shape[0]] = x @ w.T
+        return y
+
+    def _embedding_rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((ids.size, self.model.weights[name].shape[1]), np.float64)
+        for r0, w in self._row_chunks(name):
+            hit = (ids >= r0) & (ids < r0 + w.shape[0])
+            out[hit] = w[ids[hit] - r0]
+        return out
+
+    # ------------------------------------------------------------------ the forward pass
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        """A projection (or the LM head) with the resident adapter's LoRA term: ``x W^T + s (x A^T) B^T``."""
+        y = self.matmul(name, x)
+        if name in self.lora:
+            a, b, s = self.lora[name]
             y = y + ((x @ a.T) @ b.T) * s
         return y
 
-    def _rmsnorm(self, x: np.ndarray, name: str) -> np.ndarray:
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps) * self.weight(name)
-
-    def _rope(self, x: np.ndarray, heads: int) -> np.ndarray:
-        t = x.shape[0]
-        inv = self.weight(ROPE_TABLE)
-        ang = np.arange(t, dtype=np.float64)[:, None] * inv[None, :]
-        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-        xh = x.reshape(t, heads, -1)
-        half = xh.shape[-1] // 2
-        rot = np.concatenate([-xh[..., half:], xh[..., :half]], axis=-1)
-        return (xh * cos[:, None] + rot * sin[:, None]).reshape(t, -1)
-
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits [T, vocab] (float64) of every position of a token sequence, causally."""
-        cfg = self.cfg
-        ids = np.asarray(tokens, np.int64)
-        t, hd = ids.size, cfg.head_dim
-        x = self.weight("embed_tokens")[ids]
-        causal = np.triu(np.ones((t, t), bool), 1)
-        group = cfg.num_heads // cfg.num_kv_heads
-        for i in range(cfg.num_layers):
-            h = self._rmsnorm(x, f"layers.{i}.input_layernorm")
-            q, k, v = (self._linear(h, i, m) for m in ATTN_PROJECTIONS[:3])
-            q = self._rope(q, cfg.num_heads)
-            k = kv_roundtrip(self._rope(k, cfg.num_kv_heads), self.kv_format)
-            v = kv_roundtrip(v, self.kv_format)
-            qh = q.reshape(t, cfg.num_heads, hd).transpose(1, 0, 2)
-            kh = np.repeat(k.reshape(t, cfg.num_kv_heads, hd).transpose(1, 0, 2), group, axis=0)
-            vh = np.repeat(v.reshape(t, cfg.num_kv_heads, hd).transpose(1, 0, 2), group, axis=0)
-            s = qh @ kh.transpose(0, 2, 1) / np.sqrt(hd)
-            s = np.where(causal, -np.inf, s)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            att = (p @ vh).transpose(1, 0, 2).reshape(t, -1)
-            x = x + self._linear(att, i, "o_proj")
-            h = self._rmsnorm(x, f"layers.{i}.post_attention_layernorm")
-            g, u = (self._linear(h, i, m) for m in MLP_PROJECTIONS[:2])
-            x = x + self._linear(g / (1 + np.exp(-g)) * u, i, "down_proj")
-        h = self._rmsnorm(x, "norm")
-        head = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
-        return h @ self.weight(head).T
+        ctx = Semantics(weight=self.weight, linear=self.linear, embed=self._embedding_rows,
+                        kv=lambda v: kv_roundtrip(v, self.kv_format))
+        return run_graph(self.model, tokens, ctx)
 
 
 def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:

@@ -21,6 +21,7 @@ from romac.errors import RomacError
 from romac.frontend.onnx_graph import OnnxGraph, WeightRef
 from romac.frontend.onnx_patterns import Decoder, recognise
 from romac.ir import ArrayWeight, Model, ModelConfig, make_model, projection_tensor
+from romac.ir.ops import Semantics, run_graph
 
 PROBE_TOKENS = 8
 SELF_CHECK_MAX_PARAMS = 4_000_000_000  # above: the float64 forward would take minutes; skipped (romac verify remains)
@@ -254,18 +255,14 @@ def _weights(g: OnnxGraph, dec: Decoder, config: ModelConfig) -> dict:
 
 
 def _self_check(g: OnnxGraph, model: Model, probe: dict) -> None:
-    """The recognised model must compute what the graph computes (FP32, the probe prompt)."""
-    from romac.codecs import get_codec
-    from romac.ir import stored_tensors
-    from romac.reference import GoldenModel
-
+    """The recognised model must compute what the graph computes (its FP32 weights, the probe prompt), by the IR's
+    reference semantics in float64."""
     cfg = model.config
     n_params = sum(int(np.prod(h.shape)) for h in model.weights.values())
     if n_params > SELF_CHECK_MAX_PARAMS:
         return
-    fp32 = get_codec("fp32").spec()
-    golden = GoldenModel(model, {name: fp32 for name in stored_tensors(cfg)}, keep_weights=False)
-    ours = golden.logits(probe["tokens"].tolist())
+    ours = run_graph(model, probe["tokens"].tolist(),
+                     Semantics(weight=lambda name: np.asarray(model.weights[name].load(), np.float64)))
     # the graph's logits may cover the last positions only; its final hidden states cover all of them
     head = model.weights["embed_tokens" if cfg.tie_word_embeddings else "lm_head"].load()
     theirs = probe["hidden"] @ head.T

@@ -24,6 +24,12 @@ import numpy as np
 from romac.errors import RomacError
 from romac.spec.plan import Plan
 
+__all__ = [
+    "ATTN_PROJECTIONS", "MLP_PROJECTIONS", "PROJECTIONS", "ROPE_TABLE", "EMBEDDING_TENSORS", "projection_tensor",
+    "OpKind", "ModelConfig", "WeightHandle", "stores_codes_of", "LazyWeight", "ArrayWeight", "LoraAdapter", "Model",
+    "tensor_names", "stored_tensors", "expected_shape", "build_llama_graph", "make_model",
+]
+
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTN_PROJECTIONS + MLP_PROJECTIONS
@@ -285,7 +291,8 @@ def build_llama_graph(config: ModelConfig) -> nx.DiGraph:
     """The op graph of a LLaMA decoder; node ids name the op, node data says what it does.
 
     Node attributes: ``op`` (:class:`OpKind`), ``layer`` (int or None), ``weight`` (tensor name or None),
-    and for linear ops ``module`` (q_proj ...), which is what LoRA adapters attach to.
+    ``inputs`` (the nodes it reads, in order), for linear ops ``module`` (q_proj ...), which is what LoRA adapters
+    attach to, and for RoPE ``heads`` ("query" or "key_value": which head count its rows hold).
     """
     g = nx.DiGraph()
 
@@ -302,8 +309,8 @@ def build_llama_graph(config: ModelConfig) -> nx.DiGraph:
         q = add(f"{p}.q_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "q_proj"), module="q_proj")
         k = add(f"{p}.k_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "k_proj"), module="k_proj")
         v = add(f"{p}.v_proj", OpKind.LINEAR, (h,), i, weight=projection_tensor(i, "v_proj"), module="v_proj")
-        qr = add(f"{p}.rope_q", OpKind.ROPE, (q,), i, weight=ROPE_TABLE)
-        kr = add(f"{p}.rope_k", OpKind.ROPE, (k,), i, weight=ROPE_TABLE)
+        qr = add(f"{p}.rope_q", OpKind.ROPE, (q,), i, weight=ROPE_TABLE, heads="query")
+        kr = add(f"{p}.rope_k", OpKind.ROPE, (k,), i, weight=ROPE_TABLE, heads="key_value")
         a = add(f"{p}.attention", OpKind.ATTENTION, (qr, kr, v), i)
         o = add(f"{p}.o_proj", OpKind.LINEAR, (a,), i, weight=projection_tensor(i, "o_proj"), module="o_proj")
         x = add(f"{p}.attn_residual", OpKind.ADD, (x, o), i)
