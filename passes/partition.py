@@ -21,7 +21,7 @@ import numpy as np
 from romac.errors import CapacityError
 from romac.ir import EMBEDDING_TENSORS, Model
 from romac.passes.options import CompileOptions
-from romac.spec.formats import WeightFormat, weight_format
+from romac.spec.formats import WEIGHT_FORMATS, AffineFormat, WeightFormat, format_class, weight_format
 from romac.spec.layout import tile_words
 from romac.spec.plan import MATRIX, Extent, Region
 from romac.targets import Target
@@ -29,8 +29,9 @@ from romac.targets import Target
 REQUIRES = ("grids",)
 PROVIDES = ("regions",)
 
-#: what the capacity error suggests, narrowest last: fewer bits per weight on the ROMA datapath
-_NARROWER = ("int4", "int2")
+#: what the capacity error suggests, widest first: the datapath's own (affine) formats below 8 bits
+_NARROWER = sorted((n for n in WEIGHT_FORMATS if issubclass(format_class(n), AffineFormat)
+                    and format_class(n).code_bits < 8), key=lambda n: -format_class(n).code_bits)
 
 
 def _mib(words: int, target: Target) -> str:

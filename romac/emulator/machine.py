@@ -22,6 +22,7 @@ from romac.emulator.rom import Rom
 from romac.emulator.sram import Sram
 from romac.errors import RomacError
 from romac.spec import isa
+from romac.spec.formats import element_format
 from romac.spec.manifest import PROGRAM_BIN
 
 
@@ -52,6 +53,10 @@ class Machine:
         self.manifest = open_artifacts(artifacts)
         root = Path(self.manifest.root)
         self.config = self.manifest.model
+        for part in ("activations", "accumulator"):  # the datapath precisions this machine computes in
+            if element_format(self.manifest.target[part]).dtype is not np.float32:
+                raise RomacError(f"the target's {part} precision is {self.manifest.target[part]}; this emulator "
+                                 "computes in fp32", where=str(root))
         self.rom = Rom(root, self.manifest)
         self.sram = Sram(root, self.manifest)
         self.program = isa.decode((root / PROGRAM_BIN).read_bytes(), source=str(root / PROGRAM_BIN))

@@ -1,5 +1,46 @@
 """The IR: a LLaMA-family decoder as a small graph of ops over lazily loaded weights (``model``), and what each op
 computes (``ops``: the reference semantics the golden model, the ONNX self-check and calibration run)."""
 
-from romac.ir.model import *  # noqa: F401,F403
-from romac.ir.model import __all__  # noqa: F401
+from romac.ir.model import (
+    ATTN_PROJECTIONS,
+    MLP_PROJECTIONS,
+    PROJECTIONS,
+    ROPE_TABLE,
+    EMBEDDING_TENSORS,
+    projection_tensor,
+    OpKind,
+    ModelConfig,
+    WeightHandle,
+    stores_codes_of,
+    LazyWeight,
+    ArrayWeight,
+    LoraAdapter,
+    Model,
+    tensor_names,
+    stored_tensors,
+    expected_shape,
+    build_llama_graph,
+    make_model,
+)
+
+__all__ = [
+    "ATTN_PROJECTIONS",
+    "MLP_PROJECTIONS",
+    "PROJECTIONS",
+    "ROPE_TABLE",
+    "EMBEDDING_TENSORS",
+    "projection_tensor",
+    "OpKind",
+    "ModelConfig",
+    "WeightHandle",
+    "stores_codes_of",
+    "LazyWeight",
+    "ArrayWeight",
+    "LoraAdapter",
+    "Model",
+    "tensor_names",
+    "stored_tensors",
+    "expected_shape",
+    "build_llama_graph",
+    "make_model",
+]

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from romac.errors import ArtifactError, RomacError
+from romac.errors import ArtifactError
 
 __all__ = [
     "INSTR_FORMAT",
