@@ -25,6 +25,7 @@ from romac.frontend.tokenizer import artifact_tokenizer, decode, encode
 from romac.passes import CompileOptions
 from romac.planning import plan_checkpoint
 from romac.spec.formats import WEIGHT_FORMATS
+from romac.spec.asm import disassemble
 from romac.spec.isa import format_instr
 from romac.summary import artifacts_report, capacity_lines, performance_brief, performance_lines, write_plots
 from romac.targets import builtin_targets, load_target
@@ -253,6 +254,8 @@ def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocks
          bnb_cpu_repacked, max_context, as_json, plots) -> None:
     """Capacity-plan MODEL on a target without reading or writing a weight (seconds, even for 8B).
 
+    With --json, the report and the whole plan (regions and their placement, bank fill, SRAM map, program).
+
     MODEL is a checkpoint (opened header-only) or a bare config.json (shapes only). Prints what compile would:
     B-ROM and SRAM use, the longest context, the performance and area estimate; a model that does not fit
     fails with the same error compile gives.
@@ -261,7 +264,13 @@ def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocks
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              bnb_blocksize=bnb_blocksize, double_quant=double_quant, bnb_threads=bnb_threads,
                              bnb_cpu_repacked=bnb_cpu_repacked)
-    _, report = plan_checkpoint(model, adapters, target, options, lora_ranks)
+    planned, report = plan_checkpoint(model, adapters, target, options, lora_ranks)
+    if as_json:  # the whole plan beside the report: regions, bank fill, SRAM map, the program's listing
+        p = planned.plan
+        report = {**report, "plan": {
+            "regions": [r.to_json() for r in p.regions], "bank_words_used": list(p.bank_words_used),
+            "sram": p.sram.to_json(),
+            "program": disassemble(p.program, [r.name for r in p.regions], p.sram.slots).splitlines()}}
     _show_report(report, plots, as_json, " (plan only: nothing written)")
 
 

@@ -103,3 +103,21 @@ def test_debug_shows_traceback(tmp_path):
 
 def test_targets_lists_tiny():
     assert "tiny" in romac("targets").stdout
+
+
+def test_plan_json_shows_the_whole_plan(capsys, tmp_path):
+    """romac plan --json: the report plus every region's placement, the bank fill, the SRAM map and the program,
+    the same as what compile writes into the manifest."""
+    import json
+
+    from tests.clirun import run_main
+
+    res = run_main(capsys, "plan", "--json")
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)["plan"]
+    run_main(capsys, "compile", "-q", "-o", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert plan["regions"] == manifest["regions"] and plan["sram"] == manifest["sram"]
+    assert plan["bank_words_used"] == manifest["banks"]["used_words"]
+    assert plan["program"][-1].split()[1] == "halt"
+    assert (tmp_path / "out" / "program.asm").read_text().splitlines() == plan["program"]
