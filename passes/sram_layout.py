@@ -11,11 +11,14 @@ context that would.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from romac.errors import CapacityError
-from romac.ir import PROJECTIONS, Model, projection_tensor
+from romac.ir import PROJECTIONS, LoraAdapter, Model, ModelConfig, projection_tensor
 from romac.passes.options import CompileOptions
 from romac.spec.formats import KV_FORMATS, element_format
-from romac.spec.layout import SRAM_ALIGN, ceil_to, kv_bytes_per_token as _kv_per_token, lora_block_bytes, slot_table_bytes
+from romac.spec.layout import SRAM_ALIGN, ceil_to, lora_block_bytes, slot_table_bytes
+from romac.spec.layout import kv_bytes_per_token as _kv_per_token
 from romac.spec.plan import AdapterLayout, KvRegion, SlotEntry, SramMap
 from romac.targets import Target
 
@@ -28,20 +31,23 @@ def lora_slots(num_layers: int) -> list[str]:
     return [projection_tensor(layer, m) for layer in range(num_layers) for m in PROJECTIONS]
 
 
-def kv_bytes_per_token(model: Model, target: Target) -> int:
-    return _kv_per_token(model.config.num_layers, model.config.kv_dim, target.kv_cache)
-
-
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
 def sram_layout(model: Model, target: Target, options: CompileOptions) -> Model:
-    cfg = model.config
+    context = options.max_context or target.max_context
+    return model.with_plan(sram=plan_sram(model.config, model.adapters, target, context))
+
+
+def plan_sram(cfg: ModelConfig, adapters_in: Sequence[LoraAdapter], target: Target, context: int) -> SramMap:
+    """The SRAM map of these adapters and a KV cache of ``context`` tokens on the target (CapacityError if they
+    do not fit, naming the rank or context that would). What the pass computes, and ``romac adapter add`` again
+    for a compiled directory."""
     slots = lora_slots(cfg.num_layers)
     elem = element_format(target.lora).bytes
     adapters, largest = [], 0
-    for ad in model.adapters:
+    for ad in adapters_in:
         pos = slot_table_bytes(len(slots))
         entries = []
         for slot, tensor in enumerate(slots):
@@ -60,13 +66,12 @@ def sram_layout(model: Model, target: Target, options: CompileOptions) -> Model:
                 f"has {_mib(target.sram_bytes)}, over by {_mib(pos - target.sram_bytes)}, leaving no room for a KV cache",
                 where=ad.source or ad.name,
                 hint=(f"use LoRA rank {fit} or less (then the KV cache still needs "
-                      f"{kv_bytes_per_token(model, target):,} B per token), " if fit >= 1 else "")
+                      f"{_kv_per_token(cfg.num_layers, cfg.kv_dim, target.kv_cache):,} B per token), " if fit >= 1 else "")
                 + f"adapt fewer projections, or use a target with more than {_mib(pos)} of SRAM",
             )
         largest = max(largest, pos)
         adapters.append(AdapterLayout(ad.name, ad.rank, ad.alpha, ad.use_rslora, ad.scaling, pos, tuple(entries)))
-    context = options.max_context or target.max_context
-    per_token = kv_bytes_per_token(model, target)
+    per_token = _kv_per_token(cfg.num_layers, cfg.kv_dim, target.kv_cache)
     kv_offset = ceil_to(largest, SRAM_ALIGN)
     fits = max(0, (target.sram_bytes - kv_offset) // per_token)
     if context > fits:
@@ -91,5 +96,4 @@ def sram_layout(model: Model, target: Target, options: CompileOptions) -> Model:
             hint=", or ".join(knobs),
         )
     kv = KvRegion(kv_offset, context * per_token, target.kv_cache, context, per_token, int(fits))
-    sram = SramMap(target.sram_bytes, SRAM_ALIGN, tuple(slots), target.lora, tuple(adapters), largest, kv)
-    return model.with_plan(sram=sram)
+    return SramMap(target.sram_bytes, SRAM_ALIGN, tuple(slots), target.lora, tuple(adapters), largest, kv)
