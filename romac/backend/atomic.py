@@ -74,8 +74,10 @@ def clean_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
-def check_destination(path: Path, shown: str, force: bool) -> None:
-    """Refuse an output path the compile may not write (before any work is done)."""
+def check_destination(path: Path, shown: str, force: bool, marker: str = MANIFEST) -> None:
+    """Refuse an output path the compile may not write (before any work is done). ``--force`` replaces only an
+    empty directory or one of romac's outputs, recognised by its ``marker`` file (an artifact directory's manifest,
+    an exported base's romac_base.json)."""
     if not os.path.lexists(path):
         return
     if not force:
@@ -87,9 +89,9 @@ def check_destination(path: Path, shown: str, force: bool) -> None:
         empty = not any(path.iterdir())
     except OSError as e:
         raise RomacError(f"cannot read the existing output ({e.strerror})", where=shown) from None
-    if not empty and not (path / MANIFEST).is_file():
+    if not empty and not (path / marker).is_file():
         raise RomacError(
-            "output exists and is not a romac artifact directory (no manifest.json); --force replaces only those",
+            f"output exists and is not a romac output of this kind (no {marker}); --force replaces only those",
             where=shown,
             hint="remove it yourself, or choose another --out",
         )
@@ -155,7 +157,7 @@ def remove_tree(tree: Path) -> None:
     shutil.rmtree(tree, ignore_errors=True)
 
 
-def install(tmp: Path, path: Path, shown: str, force: bool) -> None:
+def install(tmp: Path, path: Path, shown: str, force: bool, marker: str = MANIFEST) -> None:
     """Move the complete directory ``tmp`` to ``path`` as described in the module docstring.
 
     The renames run with Ctrl-C held (:func:`sigint_deferred`), so an interrupt never falls between them.
@@ -168,7 +170,7 @@ def install(tmp: Path, path: Path, shown: str, force: bool) -> None:
                         raise FileExistsError(errno.EEXIST, "exists", str(path))
                     os.rename(tmp, path)
             return
-        check_destination(path, shown, force)  # again: it may have changed while compiling
+        check_destination(path, shown, force, marker)  # again: it may have changed while compiling
         with sigint_deferred():
             exchanged = _renameat2(tmp, path, _RENAME_EXCHANGE)
         if exchanged:

@@ -21,7 +21,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -386,3 +386,33 @@ class RowLoader:
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         return self.file.load(self.name, rows=slice(start, stop))
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike[str],
+    layout: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors are made one at a time: the header from ``layout`` (name, numpy
+    dtype, shape) first, then ``produce(name)`` for each in that order (checked against its layout), so that only
+    one tensor is ever in memory."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in layout:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _st_dtype(name, np.empty(0, dtype), None), "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, dtype, shape in layout:
+            a = np.ascontiguousarray(produce(name))
+            if a.dtype != np.dtype(dtype) or tuple(a.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {a.dtype} {a.shape}, the header says {np.dtype(dtype)} {shape}")
+            fh.write(a.astype(a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data if a.size else b"")

@@ -8,6 +8,8 @@ records (:mod:`romac.spec.plan`); ``target`` and ``model`` are the target's and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -85,6 +87,17 @@ class FileEntry:
         return {"bytes": self.bytes, "sha256": self.sha256}
 
 
+def base_fingerprint(regions: "tuple[Region, ...]", files: Mapping[str, "FileEntry"]) -> str:
+    """What the chip computes, as one sha256: the regions (formats and placement), the raw bank images and the
+    program — everything that cannot change after tape-out. Adapters (SRAM) are not part of it."""
+    h = hashlib.sha256(b"romac base fingerprint v1\n")
+    h.update(json.dumps([r.to_json() for r in regions], sort_keys=True, separators=(",", ":")).encode("ascii"))
+    for rel in sorted(files):
+        if (rel.startswith(ROM_DIR + "/") and rel.endswith(".rom")) or rel == PROGRAM_BIN:
+            h.update(f"\n{rel} {files[rel].sha256}".encode("ascii"))
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Manifest:
     """``manifest.json``, typed. ``root`` is where it was read from (not part of the file)."""
@@ -106,8 +119,13 @@ class Manifest:
     def region_ids(self) -> dict[str, int]:
         return {r.name: i for i, r in enumerate(self.regions)}
 
+    @property
+    def base_fingerprint(self) -> str:
+        return base_fingerprint(self.regions, self.files)
+
     def to_json(self) -> dict[str, Any]:
         return {
+            "base_fingerprint": self.base_fingerprint,
             "format_version": self.format_version,
             "romac_version": self.romac_version,
             "target": dict(self.target),
@@ -137,7 +155,7 @@ class Manifest:
         adapters = need_field(data, "adapters", list, where)
         if not all(isinstance(a, str) for a in adapters):
             raise ArtifactError("field 'adapters' must list adapter names", where=where)
-        return cls(
+        manifest = cls(
             romac_version=need_field(data, "romac_version", str, where),
             target=need_field(data, "target", dict, where),
             model=need_field(data, "model", dict, where),
@@ -152,3 +170,7 @@ class Manifest:
             format_version=need_field(data, "format_version", int, where),
             root=root,
         )
+        stored = data.get("base_fingerprint")  # written by every romac since the field exists
+        if stored is not None and stored != manifest.base_fingerprint:
+            raise ArtifactError("base_fingerprint does not match the ROM images and program it describes", where=where)
+        return manifest

@@ -1,0 +1,5 @@
+"""``python -m romac.cli``."""
+
+from romac.cli import main
+
+main()

@@ -1,0 +1,43 @@
+"""What every ``romac`` command shares: the command group and the option helpers."""
+
+from __future__ import annotations
+
+import click
+
+from romac import __version__
+from romac.errors import RomacError
+
+
+def _ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise RomacError(f"{text!r} is not a comma-separated list of token ids", where="--prompt-ids") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="romac")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compile QLoRA LLaMA checkpoints onto ROM-based LLM accelerators, and run the result."""
+    ctx.obj = {"debug": debug}
+
+
+def _bnb_options(f):
+    """The nf4/fp4 (bitsandbytes) parameters, shared by compile and plan."""
+    f = click.option("--bnb-cpu-repacked", is_flag=True, default=None,
+                     help="nf4/fp4 double quant: reproduce a bitsandbytes checkpoint saved after inference on a CPU "
+                          "with AVX512-BF16 (bitsandbytes then rounds the absmax to bfloat16 and re-quantizes it on "
+                          "save; the 4-bit codes stay, the double-quant statistics change).")(f)
+    f = click.option("--bnb-threads", type=click.IntRange(min=1), default=None,
+                     help="nf4/fp4 double quant: the torch thread count bitsandbytes quantized with on the CPU "
+                          "(its float32 mean of the absmax depends on it above 32768 blocks; default 1).")(f)
+    f = click.option("--double-quant/--no-double-quant", default=None,
+                     help="nf4/fp4: also quantize the absmax values (bnb_4bit_use_double_quant; default: on, "
+                          "as QLoRA).")(f)
+    return click.option("--bnb-blocksize", type=int, default=None,
+                        help="nf4/fp4: weights per absmax block, as bitsandbytes' blocksize (32, 64, ... 4096; "
+                             "default 64).")(f)
