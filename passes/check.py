@@ -125,16 +125,25 @@ def _check_sram(model: Model, target: Target, fail) -> None:
         fail("the SRAM map does not describe the target's SRAM")
     if [a.name for a in s.adapters] != [a.name for a in model.adapters]:
         fail("the SRAM map's adapters are not the model's")
-    for a in s.adapters:
-        if a.bytes > s.adapter_region_bytes:
-            fail(f"adapter {a.name!r} is larger than the adapter region")
+    images = [(a, s.adapter_region_bytes) for a in s.adapters]
+    if s.correction is not None:
+        images.append((s.correction, s.adapter_region_offset))
+        ranks = {t.name: t.correction_rank for t in model.plan.tensors.values() if t.correction_rank}
+        if {s.slots[e.slot]: e.rank for e in s.correction.entries} != ranks:
+            fail("the correction image's slots are not the planned correction ranks")
+    elif s.adapter_region_offset:
+        fail("the adapter region is not at address 0 though there is no correction")
+    for a, room in images:
+        if a.bytes > room:
+            fail(f"image {a.name!r} is larger than its region")
         for e in a.entries:
             if not (0 <= e.slot < len(s.slots) and e.a_offset % SRAM_ALIGN == 0 and e.b_offset % SRAM_ALIGN == 0
                     and e.a_offset + lora_block_bytes(e.rank, e.in_features, s.lora_format) <= e.b_offset
                     and e.b_offset + lora_block_bytes(e.out_features, e.rank, s.lora_format) <= a.bytes):
                 fail(f"adapter {a.name!r}: slot entry {e} is out of place")
     kv = s.kv
-    if kv.offset < s.adapter_region_bytes or kv.offset % SRAM_ALIGN or kv.offset + kv.bytes > s.bytes:
+    if kv.offset < s.adapter_region_offset + s.adapter_region_bytes or kv.offset % SRAM_ALIGN \
+            or kv.offset + kv.bytes > s.bytes:
         fail(f"the KV cache [{kv.offset}, {kv.offset + kv.bytes}) is not inside the free SRAM")
     if kv.bytes != kv.max_context * kv.bytes_per_token or kv.max_context > kv.max_context_that_fits:
         fail("the KV cache's size disagrees with its context")

@@ -75,7 +75,10 @@ def quantize(model: Model, target: Target, options: CompileOptions) -> Model:
             fmt = embed if name in EMBEDDING_TENSORS else proj
         if handle.codec_spec is None or chosen is not None:
             requested.append(fmt)
-        tensors[name] = TensorPlan(name, VECTOR if len(shape) == 1 else MATRIX, shape, fmt)
+        rank = 0
+        if model.correction is not None and name in model.correction.weights:
+            rank = int(model.correction.weights[name][0].shape[0])
+        tensors[name] = TensorPlan(name, VECTOR if len(shape) == 1 else MATRIX, shape, fmt, correction_rank=rank)
     flags = _bnb_flags(options)
     if flags and not any(isinstance(f, Bnb4bitFormat) for f in requested):
         raise RomacError(

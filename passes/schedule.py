@@ -4,7 +4,8 @@ Requires: ``regions`` (whose indices are region ids) and ``sram`` (whose slot in
 Provides: ``program`` — a tuple of :class:`romac.spec.isa.Instr` ending in HALT that
 computes the logits of T new positions given the KV cache of the earlier ones; every LINEAR op is a MATVEC
 followed by a LORA on its slot (a no-op for an adapter without that projection), so any adapter runs on
-the same program. Each op kind has one lowering rule; an op kind without one is an error naming it.
+the same program — and, for a projection with a low-rank correction, a LORA ``corr`` on the correction region
+between the two. Each op kind has one lowering rule; an op kind without one is an error naming it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from romac.errors import RomacError
 from romac.ir import Model, OpKind
 from romac.passes.options import CompileOptions
-from romac.spec.isa import OPCODES, Buf, Instr, Opcode, f32_bits
+from romac.spec.isa import FLAG_CORRECTION, OPCODES, Buf, Instr, Opcode, f32_bits
 from romac.targets import Target
 
 REQUIRES = ("regions", "sram")
@@ -29,6 +30,7 @@ def schedule(model: Model, target: Target, options: CompileOptions) -> Model:
     cfg = model.config
     region = model.plan.region_ids()
     slot = {name: i for i, name in enumerate(model.plan.sram.slots)}
+    corrected = {e.slot for e in model.plan.sram.correction.entries} if model.plan.sram.correction else set()
     buf: dict[str, Buf] = {}
     program: list[Instr] = []
 
@@ -43,6 +45,9 @@ def schedule(model: Model, target: Target, options: CompileOptions) -> Model:
         if kind == OpKind.LINEAR:
             out = _LINEAR_OUT[d["module"]]
             emit(Opcode.MATVEC, d["weight"], dst=out, src0=ins[0], layer=layer, a=region[d["weight"]])
+            if slot[d["weight"]] in corrected:  # the base's own low-rank correction, on every run
+                emit(Opcode.LORA, f"{d['weight']} correction", dst=out, src0=ins[0], layer=layer,
+                     a=slot[d["weight"]], flags=FLAG_CORRECTION)
             emit(Opcode.LORA, f"{d['weight']} lora", dst=out, src0=ins[0], layer=layer, a=slot[d["weight"]])
         elif kind == OpKind.ROPE:
             out = ins[0]

@@ -78,7 +78,7 @@ def _sram_map(manifest: Manifest, layouts: list[AdapterLayout]) -> SramMap:
     """The SRAM map with these adapter images and the compiled KV cache (its context unchanged)."""
     old = manifest.sram
     largest = max((a.bytes for a in layouts), default=0)
-    kv_offset = ceil_to(largest, SRAM_ALIGN)
+    kv_offset = ceil_to(old.adapter_region_offset + largest, SRAM_ALIGN)
     fits = max(0, (old.bytes - kv_offset) // old.kv.bytes_per_token)
     kv = KvRegion(kv_offset, old.kv.bytes, old.kv.format, old.kv.max_context, old.kv.bytes_per_token, int(fits))
     return dataclasses.replace(old, adapters=tuple(layouts), adapter_region_bytes=largest, kv=kv)
@@ -144,7 +144,9 @@ def add_adapter(out: str | Path, name: str, adapter_path: str | Path, *, force: 
                              "drop --strict")
     target = Target.from_dict(manifest.target)
     # its layout alone, and the capacity check with the compiled context (the message names what would fit)
-    layout = plan_sram(config, [adapter], target, manifest.sram.kv.max_context).adapters[0]
+    corr = manifest.sram.correction
+    ranks = {manifest.sram.slots[e.slot]: e.rank for e in corr.entries} if corr else None
+    layout = plan_sram(config, [adapter], target, manifest.sram.kv.max_context, ranks).adapters[0]
     layouts = [a for a in manifest.sram.adapters if a.name != name]
     layouts.append(layout)
     sram = _sram_map(manifest, layouts)
@@ -169,6 +171,8 @@ def list_adapters(out: str | Path) -> list[dict]:
     """The adapters of a compiled directory: name, rank, slots used, SRAM bytes, the longest context beside it."""
     manifest = open_artifacts(out)
     kv = manifest.sram.kv
+    start = manifest.sram.adapter_region_offset
     return [{"name": a.name, "rank": a.rank, "alpha": a.alpha, "slots": len(a.entries), "bytes": a.bytes,
-             "longest_context_alone": max(0, (manifest.sram.bytes - ceil_to(a.bytes, SRAM_ALIGN)) // kv.bytes_per_token)}
+             "longest_context_alone": max(0, (manifest.sram.bytes - ceil_to(start + a.bytes, SRAM_ALIGN))
+                                          // kv.bytes_per_token)}
             for a in manifest.sram.adapters]

@@ -56,6 +56,11 @@ class GoldenModel:
         self.lora_format = lora_format
         self._w: dict[str, np.ndarray] = {}
         self.lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+        self.correction = {}  # the base's low-rank correction (SRAM), applied whatever the adapter
+        if model.correction is not None:
+            self.correction = {t: (lora_roundtrip(a.load(), lora_format).astype(np.float64),
+                                   lora_roundtrip(b.load(), lora_format).astype(np.float64))
+                               for t, (a, b) in model.correction.weights.items()}
         self._load_adapter(adapter)
 
     @classmethod
@@ -142,8 +147,12 @@ class GoldenModel:
 
     # ------------------------------------------------------------------ the forward pass
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
-        """A projection (or the LM head) with the resident adapter's LoRA term: ``x W^T + s (x A^T) B^T``."""
+        """A projection (or the LM head) with the correction and the resident adapter's LoRA term:
+        ``x W^T + (x L2^T) L1^T + s (x A^T) B^T``."""
         y = self.matmul(name, x)
+        if name in self.correction:
+            l2, l1 = self.correction[name]
+            y = y + (x @ l2.T) @ l1.T
         if name in self.lora:
             a, b, s = self.lora[name]
             y = y + ((x @ a.T) @ b.T) * s

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from romac.spec.formats import element_format
-from romac.spec.isa import Buf, Instr, Opcode
+from romac.spec.isa import FLAG_CORRECTION, Buf, Instr, Opcode
 from romac.spec.layout import kv_bytes_per_token
 from romac.spec.manifest import Manifest
 from romac.spec.plan import AdapterLayout, Region, SramMap
@@ -136,6 +136,7 @@ def step_cost(w: Workload, T: int, pos0: int, adapter: str | None = None, logits
     blocks = math.ceil(T / qb)
     ad = _adapter(w, adapter)
     lora = {e.slot: e for e in ad.entries} if ad else {}
+    corr = {e.slot: e for e in w.sram.correction.entries} if w.sram.correction else {}
     lora_elem = element_format(w.sram.lora_format).bytes
     kv_token_layer = kv_bytes_per_token(1, d["num_kv_heads"] * d["head_dim"], w.sram.kv.format)
     c = StepCost()
@@ -153,19 +154,23 @@ def step_cost(w: Workload, T: int, pos0: int, adapter: str | None = None, logits
             c.rom_bits += rows * total_bits
             this_matvec = (ins.src0, work)
         elif op == Opcode.LORA:
-            e = lora.get(ins.a)
+            e = (corr if ins.flags & FLAG_CORRECTION else lora).get(ins.a)
             if e is not None:
                 per = e.rank * (e.in_features + e.out_features)
                 sram = blocks * per * lora_elem
                 macs = T * per
                 work = max(sram / h_bw, macs / h_mac)
                 if prev_matvec is not None and prev_matvec[0] == ins.src0:
+                    # the correction and the adapter both run on the H-Units while the matvec streams its tiles
                     c.cycles["h_units"] += max(0.0, work - prev_matvec[1])
+                    this_matvec = (ins.src0, max(0.0, prev_matvec[1] - work))
                 else:
                     c.cycles["latency"] += lat
                     c.cycles["h_units"] += work
                 c.sram_bytes += sram
                 c.h_macs += macs
+            elif prev_matvec is not None and prev_matvec[0] == ins.src0:
+                this_matvec = prev_matvec  # an empty slot: the next LORA still overlaps the matvec
         elif op == Opcode.EMBED:
             r = w.regions[ins.a]
             cols = r.shape[1]
@@ -301,7 +306,7 @@ def estimate(w: Workload, contexts: Sequence[int] | None = None, prompts: Sequen
     curve_limit = max(fits, 1)
     curve = [decode_point(w, L, adapter) for L in _curve_points(curve_limit)]
     one = step_cost(w, 1, 0, adapter)
-    return {
+    out = {
         "model": "romac analytical model (docs/roma.md)",
         "clock_mhz": t.clock_mhz,
         "adapter": {"name": ad.name, "rank": ad.rank} if ad else None,
@@ -319,3 +324,8 @@ def estimate(w: Workload, contexts: Sequence[int] | None = None, prompts: Sequen
         },
         "area": area(t),
     }
+    if w.sram.correction is not None:
+        out["per_token"]["correction_sram_bytes"] = int(
+            sum(e.rank * (e.in_features + e.out_features) for e in w.sram.correction.entries)
+            * element_format(w.sram.lora_format).bytes)
+    return out

@@ -31,8 +31,8 @@ from romac.ir import EMBEDDING_TENSORS, Model, stores_codes_of
 from romac.spec.asm import disassemble
 from romac.spec.isa import encode
 from romac.spec.layout import TileGrid, tile_index, tile_locations, tile_words
-from romac.spec.manifest import (MANIFEST, PROGRAM_ASM, PROGRAM_BIN, RAW_FORMAT, REPORT, TOKENIZER, Banks, FileEntry,
-                                 Manifest, bank_file, sram_file)
+from romac.spec.manifest import (MANIFEST, PROGRAM_ASM, PROGRAM_BIN, RAW_FORMAT, REPORT, SRAM_CORRECTION, TOKENIZER,
+                                 Banks, FileEntry, Manifest, bank_file, sram_file)
 from romac.spec.plan import VECTOR, Region
 from romac.targets import Target
 
@@ -260,10 +260,13 @@ def _write_all(model: Model, target: Target, rom_formats: tuple[str, ...], root:
         banks.close()
     # RTL images beside each raw bank, inside the temporary directory: they are in the manifest like every file
     write_bank_formats(root, rom_formats, target.banks, target.word_bits, target.bank_words)
-    for layout in plan.sram.adapters:
-        path = root / sram_file(layout.name)
+    images = [(sram_file(layout.name), model.adapter(layout.name), layout) for layout in plan.sram.adapters]
+    if plan.sram.correction is not None:
+        images.append((SRAM_CORRECTION, model.correction, plan.sram.correction))
+    for rel, adapter, layout in images:
+        path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(sram_image(model.adapter(layout.name), layout, plan.sram))
+        path.write_bytes(sram_image(adapter, layout, plan.sram))
     (root / PROGRAM_BIN).write_bytes(encode(plan.program))
     names = [r.name for r in regions]
     (root / PROGRAM_ASM).write_text(disassemble(plan.program, names, plan.sram.slots), encoding="utf-8")

@@ -53,7 +53,7 @@ def build_report(model: Model, target: Target) -> dict:
     capacity_words = target.bank_words
     sram = plan.sram
     kv = sram.kv
-    return {
+    report = {
         "target": target.name,
         "rom": {
             "capacity_bytes": target.rom_bytes,
@@ -82,8 +82,8 @@ def build_report(model: Model, target: Target) -> dict:
             "capacity_bytes": sram.bytes,
             "adapter_region_bytes": sram.adapter_region_bytes,
             "adapters": {ad.name: {"bytes": ad.bytes, "rank": ad.rank, "slots": len(ad.entries),
-                                   "longest_context_alone": max(0, (sram.bytes - ceil_to(ad.bytes, SRAM_ALIGN))
-                                                                // kv.bytes_per_token)}
+                                   "longest_context_alone": max(0, (sram.bytes - ceil_to(
+                                       sram.adapter_region_offset + ad.bytes, SRAM_ALIGN)) // kv.bytes_per_token)}
                          for ad in sram.adapters},
             "kv_cache": kv.to_json(),
             "longest_context": kv.max_context_that_fits,
@@ -92,3 +92,8 @@ def build_report(model: Model, target: Target) -> dict:
         "program": {"instructions": len(plan.program)},
         "performance": estimate(workload_from_plan(model, target)) if target.perf is not None else None,
     }
+    if sram.correction is not None:  # the base's low-rank correction, resident in SRAM on every run
+        c = sram.correction
+        report["sram"]["correction"] = {"bytes": c.bytes, "max_rank": c.rank, "slots": len(c.entries),
+                                        "ranks": {sram.slots[e.slot]: e.rank for e in c.entries}}
+    return report

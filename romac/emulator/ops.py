@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from romac.spec.isa import FLAG_ACCUMULATE, Instr, Opcode, bits_f32
+from romac.spec.isa import FLAG_ACCUMULATE, FLAG_CORRECTION, Instr, Opcode, bits_f32
 
 
 def embed(m, i: Instr) -> None:
@@ -42,7 +42,7 @@ def matvec(m, i: Instr) -> None:
 
 
 def lora(m, i: Instr) -> None:
-    ab = m.sram.lora.get(i.a)
+    ab = (m.sram.correction if i.flags & FLAG_CORRECTION else m.sram.lora).get(i.a)
     if ab is None:
         return
     a_t, b_t, scaling = ab

@@ -1,7 +1,8 @@
 """SRAM: one flat byte array holding the resident adapter's image and the KV cache.
 
-The adapter region starts at address 0 and holds ``sram/<adapter>.bin`` as written by the emitter (slot
-table, then A and B of each slot); the KV cache is a typed view of its region, laid out
+The correction region (when the compile has a low-rank correction of the base) starts at address 0 and holds
+``sram/_correction.bin``; the adapter region follows it and holds the resident ``sram/<adapter>.bin`` (each: slot
+table, then A and B of each slot, as written by the emitter); the KV cache is a typed view of its region, laid out
 [layer][K, V][position][kv_heads × head_dim].
 """
 
@@ -16,7 +17,8 @@ from romac.codecs.elements import decode_lora, kv_saturate
 from romac.errors import RomacError
 from romac.spec.formats import element_format
 from romac.spec.layout import SLOT_ENTRY_BYTES, SLOT_ENTRY_FORMAT
-from romac.spec.manifest import Manifest, sram_file
+from romac.spec.manifest import SRAM_CORRECTION, Manifest, sram_file
+from romac.spec.plan import AdapterLayout
 
 
 class Sram:
@@ -37,13 +39,35 @@ class Sram:
         # np.zeros leaves untouched pages unmapped: the copy costs memory only for the positions used.
         self._kv_f32 = self.kv if self.kv.dtype == np.float32 else np.zeros(self.kv.shape, np.float32)
         self.adapter: str | None = None
-        self.lora: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self.lora: dict[int, tuple[np.ndarray, np.ndarray, np.float32]] = {}
+        # the base's low-rank correction: loaded once, at address 0, resident whatever the adapter
+        self.correction: dict[int, tuple[np.ndarray, np.ndarray, np.float32]] = {}
+        if self.map.correction is not None:
+            self.correction = self._load_image(SRAM_CORRECTION, 0, self.map.correction)
+
+    def _load_image(self, rel: str, offset: int, layout: AdapterLayout) -> dict:
+        """Copy an SRAM image (slot table, then A and B per slot) to ``offset`` and read its slots: slot ->
+        (A^T, B^T, scaling), decoded from the bytes now in SRAM."""
+        image = np.fromfile(self.root / rel, dtype=np.uint8)
+        self.bytes[offset : offset + image.size] = image
+        fmt = self.map.lora_format
+        slots = {}
+        for e in layout.entries:
+            a_scale, b_scale, scaling, stored_rank = struct.unpack_from(SLOT_ENTRY_FORMAT, self.bytes,
+                                                                        offset + e.slot * SLOT_ENTRY_BYTES)
+            if stored_rank != e.rank:
+                raise RomacError(f"slot {e.slot} holds rank {stored_rank}, the manifest says {e.rank}", where=rel)
+            a = decode_lora(self.bytes[offset + e.a_offset:], (e.rank, e.in_features), fmt, a_scale)
+            b = decode_lora(self.bytes[offset + e.b_offset:], (e.out_features, e.rank), fmt, b_scale)
+            slots[e.slot] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), np.float32(scaling))
+        return slots
 
     def load_adapter(self, name: str | None) -> None:
         """Make one adapter resident (its image copied into the adapter region), or none."""
         self.lora = {}
         self.adapter = name
-        self.bytes[: self.map.adapter_region_bytes] = 0
+        start = self.map.adapter_region_offset
+        self.bytes[start : start + self.map.adapter_region_bytes] = 0
         if name is None:
             return
         layout = self.map.adapter(name)
@@ -53,18 +77,7 @@ class Sram:
                 where="--adapter",
                 hint=f"compiled adapters: {', '.join(a.name for a in self.map.adapters) or 'none'}",
             )
-        image = np.fromfile(self.root / sram_file(name), dtype=np.uint8)
-        self.bytes[: image.size] = image
-        fmt = self.map.lora_format
-        for e in layout.entries:
-            a_scale, b_scale, scaling, stored_rank = struct.unpack_from(SLOT_ENTRY_FORMAT, self.bytes,
-                                                                        e.slot * SLOT_ENTRY_BYTES)
-            if stored_rank != e.rank:
-                raise RomacError(f"slot {e.slot} holds rank {stored_rank}, the manifest says {e.rank}",
-                                 where=sram_file(name))
-            a = decode_lora(self.bytes[e.a_offset:], (e.rank, e.in_features), fmt, a_scale)
-            b = decode_lora(self.bytes[e.b_offset:], (e.out_features, e.rank), fmt, b_scale)
-            self.lora[e.slot] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), np.float32(scaling))
+        self.lora = self._load_image(sram_file(name), start, layout)
 
     def store_kv(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         end = pos0 + k.shape[0]

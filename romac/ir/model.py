@@ -236,6 +236,9 @@ class Model:
     adapters: tuple[LoraAdapter, ...] = ()
     source: Mapping[str, Any] = field(default_factory=dict)
     plan: Plan = field(default_factory=Plan)
+    # The base's low-rank correction (L1 as B, L2 as A, scaling 1; a rank per projection): what the quantizer
+    # fitted to the ROM's error, kept in SRAM and applied on every run. None: no correction.
+    correction: LoraAdapter | None = None
     # The checkpoint's tokenizer as a tokenizers ``tokenizer.json`` text (None: the input carries none). Opaque to
     # the passes; the emitter writes it into the artifact directory so `romac run --prompt` can encode and decode.
     tokenizer: str | None = field(default=None, repr=False, compare=False)

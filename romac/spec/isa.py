@@ -30,6 +30,7 @@ __all__ = [
     "INSTR_FORMAT",
     "INSTR_BYTES",
     "FLAG_ACCUMULATE",
+    "FLAG_CORRECTION",
     "FLAG_NAMES",
     "Buf",
     "Opcode",
@@ -102,7 +103,11 @@ class Opcode(enum.IntEnum):
 FLAG_ACCUMULATE = 1 << 0
 """MATVEC flag: ``dst += W @ src0`` instead of ``dst = W @ src0``."""
 
-FLAG_NAMES = {FLAG_ACCUMULATE: "acc"}
+FLAG_CORRECTION = 1 << 1
+"""LORA flag: the slot's term comes from the correction region (the base's low-rank correction, always resident)
+instead of the active adapter."""
+
+FLAG_NAMES = {FLAG_ACCUMULATE: "acc", FLAG_CORRECTION: "corr"}
 """Listing keyword of every flag bit."""
 
 
@@ -180,8 +185,9 @@ OPCODES: dict[Opcode, OpSpec] = {
             "dst[t] = W @ src0[t] (acc: dst[t] += W @ src0[t])",
         ),
         OpSpec(
-            Opcode.LORA, ("dst", "src0"), False, 0, Operand("slot", "slot", "LoRA slot (one projection)"), None,
-            "dst[t] += scaling * B @ (A @ src0[t]) with the active adapter; no-op without one",
+            Opcode.LORA, ("dst", "src0"), False, FLAG_CORRECTION, Operand("slot", "slot", "LoRA slot (one projection)"),
+            None, "dst[t] += scaling * B @ (A @ src0[t]) with the active adapter; no-op without one (corr: with the "
+            "correction region's L1, L2 of the slot, scaling 1)",
         ),
         OpSpec(
             Opcode.ROPE, ("dst", "src0"), False, 0, _R("inverse frequencies [head_dim/2]"),

@@ -52,6 +52,10 @@ def sram_file(adapter: str) -> str:
     return f"{SRAM_DIR}/{adapter}.bin"
 
 
+#: the correction image (always resident); its name cannot be an adapter's (those start with a letter or digit)
+SRAM_CORRECTION = f"{SRAM_DIR}/_correction.bin"
+
+
 @dataclass(frozen=True)
 class Banks:
     """The B-ROM images: how many banks, their size, and how full each is."""

@@ -54,6 +54,8 @@ class TensorPlan:
     format: WeightFormat
     grid: TileGrid | None = None
     constants_of: str | None = None  # a ``.qconst`` vector: the per-tensor constants of that matrix
+    quantizer: str = "rtn"  # the algorithm that chose the codes (romac.quantize)
+    correction_rank: int = 0  # rank of the low-rank correction of the matrix kept in SRAM (0: none)
 
     def with_grid(self, grid: TileGrid) -> "TensorPlan":
         return dataclasses.replace(self, grid=grid)
@@ -92,6 +94,7 @@ class Region:
     start_bank: int
     extents: tuple[Extent, ...]
     constants_of: str | None = None
+    quantizer: str = "rtn"
 
     @property
     def grid(self) -> TileGrid:
@@ -109,6 +112,8 @@ class Region:
              "extents": [e.to_json() for e in self.extents]}
         if self.constants_of is not None:
             d["constants_of"] = self.constants_of
+        if self.quantizer != "rtn":
+            d["quantizer"] = self.quantizer
         return d
 
     @classmethod
@@ -123,9 +128,12 @@ class Region:
         const = data.get("constants_of")
         if const is not None and not isinstance(const, str):
             raise ArtifactError("field 'constants_of' must be a tensor name", where=where)
+        quantizer = data.get("quantizer", "rtn")
+        if not isinstance(quantizer, str):
+            raise ArtifactError("field 'quantizer' must be a name", where=where)
         return cls(name, kind, _format(need_field(data, "codec", dict, where), where), shape,
                    int_list(need_field(data, "tile", list, where), 2, "tile", where), need_field(data, "n_tiles", int, where),
-                   need_field(data, "start_bank", int, where), extents, const)
+                   need_field(data, "start_bank", int, where), extents, const, quantizer)
 
 
 @dataclass(frozen=True)
@@ -195,8 +203,9 @@ class KvRegion:
 
 @dataclass(frozen=True)
 class SramMap:
-    """The SRAM: slots (one per projection of every layer: the LORA operand), the adapter images (one resident at
-    a time, in the adapter region from address 0), and the KV cache after them."""
+    """The SRAM: slots (one per projection of every layer: the LORA operand); the base's low-rank correction
+    (always resident, from address 0, when the compile has one); the adapter images (one resident at a time, in
+    the adapter region after it); and the KV cache after them."""
 
     bytes: int
     align: int
@@ -205,14 +214,24 @@ class SramMap:
     adapters: tuple[AdapterLayout, ...]
     adapter_region_bytes: int
     kv: KvRegion
+    correction: AdapterLayout | None = None
+    adapter_region_offset: int = 0
 
     def adapter(self, name: str) -> AdapterLayout | None:
         return next((a for a in self.adapters if a.name == name), None)
 
+    @property
+    def correction_bytes(self) -> int:
+        return self.correction.bytes if self.correction is not None else 0
+
     def to_json(self) -> dict[str, Any]:
-        return {"bytes": self.bytes, "align": self.align, "slots": list(self.slots), "lora_format": self.lora_format,
-                "adapters": [a.to_json() for a in self.adapters],
-                "adapter_region": {"offset": 0, "bytes": self.adapter_region_bytes}, "kv": self.kv.to_json()}
+        d = {"bytes": self.bytes, "align": self.align, "slots": list(self.slots), "lora_format": self.lora_format,
+             "adapters": [a.to_json() for a in self.adapters],
+             "adapter_region": {"offset": self.adapter_region_offset, "bytes": self.adapter_region_bytes},
+             "kv": self.kv.to_json()}
+        if self.correction is not None:
+            d["correction"] = self.correction.to_json()
+        return d
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "SramMap":
@@ -220,13 +239,18 @@ class SramMap:
         if not all(isinstance(s, str) for s in slots):
             raise ArtifactError("field 'slots' must list tensor names", where=where)
         region = need_field(data, "adapter_region", dict, where)
-        if need_field(region, "offset", int, f"{where} adapter_region") != 0:
-            raise ArtifactError("the adapter region must start at address 0", where=f"{where} adapter_region")
+        correction = data.get("correction")
+        correction = None if correction is None else AdapterLayout.from_json(correction, f"{where} correction")
+        offset = need_field(region, "offset", int, f"{where} adapter_region")
+        if offset != (0 if correction is None else -(-correction.bytes // need_field(data, "align", int, where))
+                      * data["align"]):
+            raise ArtifactError("the adapter region must start right after the correction region (at 0 without one)",
+                                where=f"{where} adapter_region")
         return cls(need_field(data, "bytes", int, where), need_field(data, "align", int, where), tuple(slots),
                    need_field(data, "lora_format", str, where),
                    tuple(AdapterLayout.from_json(a, f"{where} adapters") for a in need_field(data, "adapters", list, where)),
                    need_field(region, "bytes", int, f"{where} adapter_region"),
-                   KvRegion.from_json(need_field(data, "kv", dict, where), f"{where} kv"))
+                   KvRegion.from_json(need_field(data, "kv", dict, where), f"{where} kv"), correction, offset)
 
 
 @dataclass(frozen=True)
