@@ -6,10 +6,11 @@ Projections take the target's ``weights`` format (or ``--quant``), embedding and
 ``embedding`` format (or ``--quant-embedding``), norm gains the target's ``norms`` format, and the RoPE table
 fp32. nf4/fp4 take the bitsandbytes parameters of the options (``--bnb-blocksize``, ``--[no-]double-quant``,
 ``--bnb-threads``, ``--bnb-cpu-repacked``; default 64, on, 1, off).
-A weight that arrives already quantized (a handle with a ``codec_spec``: a bitsandbytes checkpoint) keeps its
-own format, so its codes reach ROM untouched — unless the user names a format for it (``--quant`` /
-``--quant-embedding``): then that format is used, and the emitter passes the stored codes through only if it is
-the stored one; any other format re-quantizes the dequantized values.
+A weight that arrives already quantized (a handle with a ``codec_spec``: a bitsandbytes, GPTQ, AWQ or
+compressed-tensors checkpoint) keeps its own format, so its codes reach ROM untouched — unless the user names a
+format for it (``--quant`` / ``--quant-embedding``), or the target cannot place or compute the stored grid: then
+the target's (or the named) format is used, and the emitter passes the stored codes through only if it is the
+stored one; any other format re-quantizes the dequantized values (``romac compile`` says so).
 Passing the nf4/fp4 parameters when no tensor is quantized to nf4/fp4 from floats is an error (they would do
 nothing). No weight data is read: the codes are computed by the emitter, one matrix at a time.
 """
@@ -27,10 +28,13 @@ REQUIRES: tuple[str, ...] = ()
 PROVIDES = ("formats",)
 
 
-def choose_format(fmt: str, target: Target, options: CompileOptions) -> WeightFormat:
+def choose_format(fmt: str, target: Target, options: CompileOptions, where: str = "--quant") -> WeightFormat:
     """A format name as this target (group size) and the options (bitsandbytes parameters) use it."""
     if fmt not in WEIGHT_FORMATS:
-        raise RomacError(f"unknown weight format {fmt!r}", where="--quant", hint=f"choose one of {', '.join(WEIGHT_FORMATS)}")
+        raise RomacError(f"unknown weight format {fmt!r}", where=where, hint=f"choose one of {', '.join(WEIGHT_FORMATS)}")
+    if fmt not in target.weight_formats:
+        raise RomacError(f"target {target.name!r} does not compute {fmt}", where=where,
+                         hint=f"its datapath computes {', '.join(target.weight_formats)}")
     repacked = bool(options.bnb_cpu_repacked)
     try:
         return weight_format(fmt, group_size=target.group_size, blocksize=options.bnb_blocksize or 64,
@@ -40,6 +44,15 @@ def choose_format(fmt: str, target: Target, options: CompileOptions) -> WeightFo
         flag = "--bnb-cpu-repacked / --no-double-quant" if repacked and options.double_quant is False \
             else "--bnb-blocksize"
         raise RomacError(e.message, where=flag, hint=e.hint) from None
+
+
+def placeable(fmt: WeightFormat, shape: tuple[int, ...], target: Target) -> bool:
+    """Whether the target can hold and compute a tensor in this format: one its datapath computes, whose groups
+    start tiles (for bitsandbytes' flat blocks: rows of whole blocks)."""
+    if len(shape) != 2:
+        return True
+    return fmt.name in target.weight_formats and not (fmt.group and target.tile_cols % fmt.group) and \
+        not (fmt.flat_blocks and shape[1] % fmt.group)
 
 
 def _bnb_flags(options: CompileOptions) -> list[str]:
@@ -58,22 +71,23 @@ def _bnb_flags(options: CompileOptions) -> list[str]:
 def quantize(model: Model, target: Target, options: CompileOptions) -> Model:
     cfg = model.config
     proj = choose_format(options.quant or target.weights, target, options)
-    embed = choose_format(options.quant_embedding or target.embedding, target, options)
-    norm = choose_format(target.norms, target, options)
+    embed = choose_format(options.quant_embedding or target.embedding, target, options, "--quant-embedding")
+    norm = weight_format(target.norms)
     tensors, requested = {}, []
     for name in stored_tensors(cfg):
         handle = model.weights[name]
         shape = tuple(handle.shape)
         chosen = options.quant_embedding if name in EMBEDDING_TENSORS else options.quant
-        if handle.codec_spec is not None and chosen is None:  # pre-quantized: kept (its codes pass through)
-            fmt = from_spec(handle.codec_spec)
+        stored = from_spec(handle.codec_spec) if handle.codec_spec is not None else None
+        if stored is not None and chosen is None and placeable(stored, shape, target):
+            fmt = stored  # pre-quantized: kept (its codes pass through)
         elif name == ROPE_TABLE:
             fmt = FP32()
         elif len(shape) == 1:
             fmt = norm
-        else:
+        else:  # the target's (a stored grid it cannot place is re-quantized from the dequantized weights)
             fmt = embed if name in EMBEDDING_TENSORS else proj
-        if handle.codec_spec is None or chosen is not None:
+        if stored is None or chosen is not None:
             requested.append(fmt)
         rank = 0
         if model.correction is not None and name in model.correction.weights:

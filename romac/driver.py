@@ -9,7 +9,8 @@ from typing import Sequence
 from romac.backend.atomic import check_destination
 from romac.backend.emit import emit
 from romac.frontend import attach_adapters, load_model
-from romac.ir import Model
+from romac.frontend.qpack import AffineWeight, requantize_note
+from romac.ir import Model, stores_codes_of
 from romac.passes import CompileOptions, run_pipeline
 from romac.targets import Target, load_target
 
@@ -29,6 +30,21 @@ def compile_model(
     compiled = run_pipeline(model, target, options)
     emit(compiled, target, out, rom_formats=options.rom_formats, force=force, progress=progress)
     return compiled
+
+
+def requantize_notes(model: Model) -> list[str]:
+    """One sentence per pre-quantized tensor whose stored codes do not reach ROM (re-quantized to the planned
+    format from its dequantized weights), for ``romac compile`` to say."""
+    notes = []
+    for name, t in model.plan.tensors.items():
+        handle = model.weights.get(name)
+        if handle is None or handle.codec_spec is None or stores_codes_of(handle, t.format.spec()):
+            continue
+        note = requantize_note(handle, t.format.spec()) if isinstance(handle, AffineWeight) else (
+            f"{name}: stored {handle.codec_spec.get('format')} re-quantized to {t.format.name} from the dequantized "
+            "weights; the stored codes are not kept")
+        notes.append(note)
+    return notes
 
 
 def compile_checkpoint(

@@ -85,6 +85,9 @@ class Target:
     lora: str
     kv_cache: str
     source: str = ""
+    #: the formats the datapath computes (``[datapath] weight_formats``; absent: every format): what a compile may
+    #: put in ROM, and what a bit allocation chooses from
+    weight_formats: tuple[str, ...] = WEIGHT_FORMATS
     perf: PerfParams | None = None  # [perf], optional: without it there is no performance estimate
     area: AreaParams | None = None  # [area], optional: without it there is no area estimate
     extra: Any = None  # sections the core does not interpret
@@ -111,6 +114,8 @@ class Target:
         """Inverse of :meth:`to_dict` (a manifest's ``target``)."""
         d = dict(d)
         perf, area = d.pop("perf", None), d.pop("area", None)
+        if "weight_formats" in d:
+            d["weight_formats"] = tuple(d["weight_formats"])
         return cls(**d, source=source, perf=PerfParams(**perf) if perf else None,
                    area=AreaParams(**area) if area else None)
 
@@ -224,7 +229,18 @@ def target_from_dict(data: dict[str, Any], path: str = "<target>") -> Target:
                 raise RomacError("field is missing", where=f"{path} [{section}] {key}")
             fields[_FIELD_NAMES.get((section, key), key)] = _check(path, section, key, table[key], kind, allowed)
     perf, area = _optional_section(data, "perf", path), _optional_section(data, "area", path)
-    t = Target(**fields, source=path, perf=perf, area=area,
+    allowed = data["datapath"].get("weight_formats", list(WEIGHT_FORMATS))
+    where = f"{path} [datapath] weight_formats"
+    if not isinstance(allowed, list) or not allowed or not all(isinstance(f, str) for f in allowed):
+        raise RomacError("must be a non-empty list of format names", where=where)
+    for f in allowed:
+        if f not in WEIGHT_FORMATS:
+            raise RomacError(f"{f!r} is not one of {', '.join(WEIGHT_FORMATS)}", where=where)
+    for key in ("weights", "embedding"):
+        if fields[key] not in allowed:
+            raise RomacError(f"the {key} format {fields[key]!r} is not among the datapath's weight_formats "
+                             f"({', '.join(allowed)})", where=f"{path} [datapath] {key}")
+    t = Target(**fields, source=path, perf=perf, area=area, weight_formats=tuple(allowed),
                extra={k: v for k, v in data.items() if k not in _SCHEMA and k not in _OPTIONAL} or None)
     if perf is not None and t.banks + perf.h_units + perf.vector_lanes != perf.mesh_rows * perf.mesh_cols:
         raise RomacError(

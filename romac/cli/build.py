@@ -8,7 +8,7 @@ from romac.backend.report import build_report
 from romac.backend.romformats import parse_formats
 from romac.cli.common import _bnb_options, cli
 from romac.cli.use import show_report
-from romac.driver import compile_checkpoint
+from romac.driver import compile_checkpoint, requantize_notes
 from romac.frontend import describe, detect
 from romac.passes import CompileOptions
 from romac.planning import plan_checkpoint
@@ -64,6 +64,12 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
                              bnb_threads=bnb_threads, bnb_cpu_repacked=bnb_cpu_repacked)
     t = load_target(target)
     compiled = compile_checkpoint(model, out, adapters, t, options, force=force, progress=not quiet)
+    notes = requantize_notes(compiled)
+    if notes:  # the stored codes of a pre-quantized base that did not reach ROM as they were
+        click.echo(f"romac: {len(notes)} pre-quantized tensor(s) re-quantized; an adapter trained on the stored "
+                   "base may no longer fit:", err=True)
+        for note in notes[:3] + ([f"... and {len(notes) - 3} more"] if len(notes) > 3 else []):
+            click.echo(f"  {note}", err=True)
     if quiet:
         return
     rep = build_report(compiled, t)

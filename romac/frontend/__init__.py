@@ -16,6 +16,7 @@ from romac.frontend.gguf import GGUF_MAGIC, describe_gguf, is_gguf, load_gguf
 from romac.frontend.hf import load_hf_checkpoint
 from romac.frontend.onnx_model import describe_onnx, load_onnx_model
 from romac.frontend.peft import load_peft_adapter, parse_adapter_arg
+from romac.frontend.quantized import describe_quantized
 from romac.frontend.tokenizer import from_hf_dir
 from romac.ir import LoraAdapter, Model
 
@@ -62,7 +63,7 @@ def describe(spec: str | None, kind: str | None = None) -> str:
         return "the built-in model (2-layer LLaMA, GQA) with its built-in LoRA adapter"
     if kind == "hf":
 
-        return describe_bnb(spec) or f"{kind} checkpoint {spec}"
+        return describe_bnb(spec) or describe_quantized(spec) or f"{kind} checkpoint {spec}"
     return f"{kind} checkpoint {spec}"
 
 

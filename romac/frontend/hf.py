@@ -15,6 +15,7 @@ from pathlib import Path
 
 from romac.errors import RomacError
 from romac.frontend.bnb import load_bnb_checkpoint
+from romac.frontend.quantized import load_quantized_checkpoint
 from romac.frontend.hf_config import canonical_name, open_checkpoint_files, parse_hf_config, read_config_json
 from romac.frontend.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from romac.ir import LazyWeight, Model, expected_shape, make_model, tensor_names
@@ -34,10 +35,7 @@ def load_hf_checkpoint(path: str | Path) -> Model:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         if method == "bitsandbytes":  # a QLoRA base saved by transformers + bitsandbytes
             return load_bnb_checkpoint(root, raw_cfg)
-        raise RomacError(
-            f"checkpoint is quantized (quant_method {method!r}); romac reads float and bitsandbytes checkpoints",
-            where=str(cfg_path),
-        )
+        return load_quantized_checkpoint(root, raw_cfg)  # GPTQ, AWQ, compressed-tensors (or a one-line error)
     config = parse_hf_config(raw_cfg, where=str(cfg_path))
     key_files = open_checkpoint_files(root)
 
