@@ -32,10 +32,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from romac.errors import RomacError
 from romac.ir import ROPE_TABLE, Model, projection_tensor
+from romac.reference import GoldenModel
+from romac.spec.formats import FP32
 
 OPSET = 17
 #: Above this many bytes of weights the graph must be written with external data (protobuf caps at 2 GB).
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+#: above this many bytes of float32 weights the FP32 reference is streamed from the checkpoint instead of run as an
+#: onnxruntime graph (a 3B model's graph is 12 GB, an 8B's 32 GB)
+ONNX_MAX_WEIGHT_BYTES = 2 << 30
 _ALIGN = 4096  # external-data offsets are page aligned so onnxruntime can memory-map them
 
 
@@ -358,21 +363,33 @@ def _perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
     return float(np.exp(np.mean(nll)))
 
 
-def compare_with_onnx(model: Model, adapter: str | None, tokens: Sequence[int], logits: np.ndarray) -> dict:
-    """Distance of ``logits`` ([T, vocab], e.g. the emulator's) from onnxruntime on the FP32 graph.
+def fp32_logits(model: Model, adapter: str | None, tokens: Sequence[int]) -> tuple[np.ndarray, str]:
+    """The FP32 model's logits (adapter merged) and what computed them: onnxruntime on the FP32 graph, or — above
+    :data:`ONNX_MAX_WEIGHT_BYTES` of float32 weights, where the graph alone would not fit in memory — the float64
+    forward of the FP32 checkpoint, streamed one weight chunk at a time (the golden model with FP32 formats)."""
+    if _weight_bytes(model) <= ONNX_MAX_WEIGHT_BYTES:
+        return _reference(model, adapter).logits(np.asarray(list(tokens), np.int64)), "onnxruntime FP32 graph"
+    fp32 = {name: FP32().spec() for name in model.weights}
+    golden = GoldenModel(model, fp32, "fp32", "fp32", adapter, keep_weights=False)
+    return golden.logits(list(tokens)), "float64 forward of the FP32 checkpoint (streamed)"
 
-    Returns a JSON-able dict: ``positions``, ``top1_agreement`` (fraction of positions whose argmax agree),
-    ``kl_divergence_mean`` / ``kl_divergence_max`` (KL(p_onnx || p_given) in nats, over positions),
-    ``max_abs_logit_diff``, and teacher-forced ``perplexity_onnx`` / ``perplexity_given`` over tokens[1:]
-    (None for a single token).
+
+def compare_with_onnx(model: Model, adapter: str | None, tokens: Sequence[int], logits: np.ndarray) -> dict:
+    """Distance of ``logits`` ([T, vocab], e.g. the emulator's) from the FP32 model (:func:`fp32_logits`).
+
+    Returns a JSON-able dict: ``reference`` (what computed the FP32 logits), ``positions``, ``top1_agreement``
+    (fraction of positions whose argmax agree), ``kl_divergence_mean`` / ``kl_divergence_max`` (KL(p_fp32 ||
+    p_given) in nats, over positions), ``max_abs_logit_diff``, and teacher-forced ``perplexity_onnx`` (the FP32
+    reference's) / ``perplexity_given`` over tokens[1:] (None for a single token).
     """
     toks = np.asarray(list(tokens), np.int64)
     given = _as_2d(logits)
     if given.shape != (toks.size, model.config.vocab_size):
         raise ValueError(f"logits shape {given.shape} != (len(tokens), vocab) = {(toks.size, model.config.vocab_size)}")
-    ref = _reference(model, adapter).logits(toks)
+    ref, what = fp32_logits(model, adapter, toks)
     kl = kl_divergence(ref, given)
     return {
+        "reference": what,
         "positions": int(toks.size),
         "top1_agreement": top1_agreement(ref, given),
         "kl_divergence_mean": float(np.mean(kl)),

@@ -250,3 +250,19 @@ def test_external_data_path(tmp_path, monkeypatch):
     big = OnnxReference(model, "ad")
     assert big._tmpdir is not None
     np.testing.assert_array_equal(big.logits(TOKENS), mem)
+
+
+def test_large_models_stream_the_fp32_reference(monkeypatch):
+    """Above ONNX_MAX_WEIGHT_BYTES the FP32 reference is the streamed float64 forward of the checkpoint: the same
+    logits as onnxruntime's graph to float32 rounding, and the report says which one was used."""
+    import romac.onnx_reference as R
+
+    model = _model(False, seed=8)
+    ort = OnnxReference(model, "ad").logits(TOKENS)
+    assert compare_with_onnx(model, "ad", TOKENS, ort)["reference"] == "onnxruntime FP32 graph"
+    monkeypatch.setattr(R, "ONNX_MAX_WEIGHT_BYTES", 0)
+    streamed, what = R.fp32_logits(model, "ad", TOKENS)
+    assert what.startswith("float64 forward of the FP32 checkpoint")
+    assert np.abs(streamed - ort).max() / np.abs(streamed).max() < 1e-5
+    rep = compare_with_onnx(model, "ad", TOKENS, ort)
+    assert rep["reference"] == what and rep["top1_agreement"] == 1.0 and rep["kl_divergence_max"] < 1e-8

@@ -105,6 +105,8 @@ def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onn
             same = f"{sum(a == b for a, b in zip(c.tokens, c.golden_tokens))}/{len(c.golden_tokens)} same"
             click.echo(f"{c.adapter or '(none)':12s} {c.relative_error:14.2e} {same:>14s} {agree:>14s} {kl:>11s}  "
                        f"{'ok' if c.passed else 'FAIL'}")
+        if checks and checks[0].onnx:
+            click.echo(f"(top-1 and KL against the FP32 model: {checks[0].onnx['reference']})")
     if not all(c.passed for c in checks):
         click.echo(f"romac: verification failed (tolerance {tolerance:g})", err=True)
         sys.exit(1)
