@@ -400,9 +400,13 @@ def test_malformed_through_cli_and_config(bnb_ckpts, tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RomacError, match="sets neither load_in_4bit nor load_in_8bit"):
         load_model(str(bad))
-    cfg["quantization_config"] = {"quant_method": "gptq"}
+    cfg["quantization_config"] = {"quant_method": "gptq"}  # now a reader of its own, which wants its fields
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RomacError, match="quant_method 'gptq'.*float and bitsandbytes"):
+    with pytest.raises(RomacError, match="field 'bits' is missing"):
+        load_model(str(bad))
+    cfg["quantization_config"] = {"quant_method": "eetq"}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RomacError, match="quant_method 'eetq' is not supported.*gptq, awq, compressed-tensors"):
         load_model(str(bad))
 
 # The real model (SmolLM2's bnb NF4 checkpoint: same ROM as FP → NF4, and verified against golden) is in

@@ -29,7 +29,6 @@ says so but stores ``qzeros`` is read with them, one without is an error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from romac.errors import RomacError
+from romac.frontend.hf_config import read_quantization_config
 from romac.frontend.qpack import (
     AffineWeight,
     QCheckpoint,
@@ -151,10 +151,7 @@ def load_awq_checkpoint(root: Path, raw_cfg: Mapping[str, Any], key_files: Mappi
 
 
 def describe_awq(directory: str | Path) -> str | None:
-    try:
-        qc = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
+    qc = read_quantization_config(directory)
     if not is_awq_config(qc):
         return None
     try:

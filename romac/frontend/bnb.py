@@ -49,7 +49,7 @@ from romac.codecs import QuantTensor
 from romac.codecs.bnb import denest_absmax
 from romac.codecs.bits import unpack_codes
 from romac.errors import RomacError
-from romac.frontend.hf_config import canonical_name, open_checkpoint_files, parse_hf_config
+from romac.frontend.hf_config import read_quantization_config, canonical_name, open_checkpoint_files, parse_hf_config
 from romac.frontend.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from romac.ir import LazyWeight, Model, expected_shape, make_model, tensor_names
 from romac.spec.formats import (BNB_BLOCKSIZES, BNB_DYNAMIC_SIGNED, BNB_NESTED_BLOCKSIZE, BNB_QUANT_TYPES,
@@ -73,10 +73,7 @@ def is_bnb_config(qc: Any) -> bool:
 
 def describe_bnb(directory: str | Path) -> str | None:
     """What ``romac compile`` says about a bitsandbytes checkpoint (config.json only); None if it is not one."""
-    try:
-        qc = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
+    qc = read_quantization_config(directory)
     if not is_bnb_config(qc):
         return None
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):

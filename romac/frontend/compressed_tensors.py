@@ -29,7 +29,6 @@ dtype: ``load_rounded(grid["scale_dtype"])``.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from romac.errors import RomacError
+from romac.frontend.hf_config import read_quantization_config
 from romac.frontend.qpack import (
     ROM_BITS,
     AffineWeight,
@@ -307,10 +307,7 @@ def load_compressed_tensors_checkpoint(root: Path, raw_cfg: Mapping[str, Any],
 
 
 def describe_compressed_tensors(directory: str | Path) -> str | None:
-    try:
-        qc = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
+    qc = read_quantization_config(directory)
     if not is_compressed_tensors_config(qc):
         return None
     try:

@@ -41,7 +41,6 @@ groups of the column-permuted matrix, for a future compile that gathers projecti
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +48,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from romac.errors import RomacError
+from romac.frontend.hf_config import read_quantization_config
 from romac.frontend.qpack import (
     ROM_BITS,
     AffineWeight,
@@ -267,10 +267,7 @@ def load_gptq_checkpoint(root: Path, raw_cfg: Mapping[str, Any], key_files: Mapp
 
 def describe_gptq(directory: str | Path) -> str | None:
     """What ``romac compile`` says about a GPTQ checkpoint (config.json only); None if it is not one."""
-    try:
-        qc = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
+    qc = read_quantization_config(directory)
     if not is_gptq_config(qc):
         return None
     try:

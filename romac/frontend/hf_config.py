@@ -23,6 +23,7 @@ __all__ = [
     "read_config_json",
     "open_checkpoint_files",
     "canonical_name",
+    "read_quantization_config",
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -266,3 +267,12 @@ def open_checkpoint_files(root: Path) -> dict[str, SafetensorsFile]:
     raise RomacError(
         "no model.safetensors or model.safetensors.index.json found", where=str(root)
     )
+
+
+def read_quantization_config(directory: str | Path) -> Any:
+    """The ``quantization_config`` of a checkpoint directory's config.json, or None if it has none or cannot be
+    read (what the readers' ``describe_*`` functions look at before anything is opened)."""
+    try:
+        return json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
