@@ -31,7 +31,7 @@ from romac.onnx_reference import _perplexity, kl_divergence, top1_agreement  # n
 from romac.passes import CompileOptions  # noqa: E402
 from romac.reference import GoldenModel  # noqa: E402
 from romac.verify import source_model, verify  # noqa: E402
-from tests.fixtures import onnx_exports, smollm2  # noqa: E402
+from tests.fixtures import onnx_exports, quantized_checkpoints, smollm2  # noqa: E402
 
 TARGET = str(Path(__file__).resolve().parents[1] / "benchmarks" / "targets" / "bench-1g.toml")
 TEXT_TOKENS = 256  # positions compared (the issue asks for at least 256)
@@ -76,6 +76,7 @@ def compiled(tmp_path_factory):
         "gguf": lambda: str(smollm2.gguf_file()),
         "bnb": lambda: str(smollm2.bnb_checkpoint("nf4", True)),
         "bnb-after-inference": lambda: str(smollm2.bnb_checkpoint("nf4", True, after_inference=True)),
+        "gptq": lambda: str(quantized_checkpoints.smollm2_gptq(4, 128)),
     }
 
     def get(source: str, fmt: str, **options) -> Path:
@@ -142,6 +143,22 @@ def test_every_source_gives_the_same_images(compiled, source):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
+def test_gptq_checkpoint_keeps_its_codes(compiled):
+    """A GPTQ int4 g128 checkpoint of SmolLM2 (its codes written in AutoGPTQ's v1 layout): the stored codes reach ROM
+    untouched (576 = 4.5 groups: the last group of a row is 64 wide), and the golden model computes them exactly."""
+    from romac.frontend import load_model
+    from romac.frontend.qpack import AffineWeight
+
+    out = compiled("gptq", "int4")
+    model = load_model(compiled.sources["gptq"]())
+    kept = [n for n, h in model.weights.items() if isinstance(h, AffineWeight)]
+    assert len(kept) == 7 * 30 and all(model.weights[n].codec_spec == {"format": "int4", "group_size": 128} for n in kept)
+    m = Machine(out)
+    rid = m.manifest.region_ids()
+    for name in kept[:7]:  # the ROM decodes to the checkpoint's exact values
+        assert np.array_equal(m.rom.value(rid[name]), model.weights[name].load_exact())
+
+
 def _rom_images(out: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted((out / "rom").iterdir())}
 
@@ -160,7 +177,7 @@ def test_bnb_checkpoint_saved_after_inference(compiled):
     assert plain.keys() == after.keys() and any(plain[k] != after[k] for k in plain)
 
 
-@pytest.mark.parametrize("source", ["onnx", "gguf", "bnb"])
+@pytest.mark.parametrize("source", ["onnx", "gguf", "bnb", "gptq"])
 def test_other_sources_verify(compiled, text_ids, source):
     fmt = "nf4" if source == "bnb" else "int4"
     out = compiled(source, fmt)
