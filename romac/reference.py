@@ -15,9 +15,11 @@ small model). So its memory is one chunk plus the activations of the sequence, w
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from romac.codecs import codec_for
 from romac.codecs.elements import kv_roundtrip, lora_roundtrip
@@ -158,11 +160,14 @@ class GoldenModel:
             y = y + ((x @ a.T) @ b.T) * s
         return y
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits [T, vocab] (float64) of every position of a token sequence, causally."""
-        ctx = Semantics(weight=self.weight, linear=self.linear, embed=self._embedding_rows,
-                        kv=lambda v: kv_roundtrip(v, self.kv_format))
-        return run_graph(self.model, tokens, ctx)
+    def logits(self, tokens: Sequence[int], progress: str | None = None) -> np.ndarray:
+        """Logits [T, vocab] (float64) of every position of a token sequence, causally. ``progress``: a label to
+        show a progress bar over the ops under (on a terminal)."""
+        with tqdm(total=self.model.graph.number_of_nodes(), desc=progress, unit="op", leave=False,
+                  disable=progress is None or not sys.stderr.isatty()) as bar:
+            ctx = Semantics(weight=self.weight, linear=self.linear, embed=self._embedding_rows,
+                            kv=lambda v: kv_roundtrip(v, self.kv_format), observe=lambda node, xs: bar.update(1))
+            return run_graph(self.model, tokens, ctx)
 
 
 def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:

@@ -9,6 +9,8 @@ emulator (teacher-forced top-1 agreement, KL divergence) is the cost of quantiza
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,6 +23,9 @@ from romac.frontend import attach_adapters, load_model
 from romac.ir import Model
 from romac.onnx_reference import compare_with_onnx
 from romac.reference import GoldenModel, relative_error
+
+#: float64 bytes of dequantized weights the golden model keeps across adapters; above, it streams them per pass
+KEEP_WEIGHTS_BYTES = 2 << 30
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
@@ -81,7 +86,11 @@ def verify(
     prompt: Sequence[int] | None = None,
     tolerance: float = 1e-5,
     with_onnx: bool = True,
+    progress: bool = False,
 ) -> list[AdapterCheck]:
+    """Check the emulator against the golden model for the base and every adapter given (see the module doc).
+    ``progress``: say on stderr what it is doing (each step of a large model takes a while)."""
+    say = (lambda text: print(f"romac: {text}", file=sys.stderr, flush=True)) if progress else (lambda text: None)
     machine = Machine(artifacts)
     manifest = machine.manifest
     model = source_model(manifest, model_spec, adapter_specs)
@@ -90,13 +99,18 @@ def verify(
     prompt = list(prompt) if prompt else default_prompt(model.config.vocab_size, model.config.bos_token_id)
     checks = []
     base = None
+    # a small model's dequantized weights are kept across adapters; a large one is streamed, a chunk at a time
+    keep = sum(math.prod(h.shape) for h in model.weights.values()) * 8 <= KEEP_WEIGHTS_BYTES
     for name in names:
+        label = f"adapter {name!r}" if name else "the base model"
+        say(f"emulator: {label}, {len(prompt)}-token prompt, {steps} greedy steps")
         machine.reset(adapter=name)
         new, logits = machine.generate(prompt, steps)
         seq = prompt + new
-        base = base or GoldenModel.of_artifacts(model, manifest)
-        golden = base.with_adapter(name)  # the base weights are dequantized once for every adapter
-        ref = golden.logits(seq)
+        base = base or GoldenModel.of_artifacts(model, manifest, keep_weights=keep)
+        golden = base.with_adapter(name)  # kept base weights are dequantized once for every adapter
+        say(f"golden model: {label}, {len(seq)} positions in one pass over the weights")
+        ref = golden.logits(seq, progress="golden model" if progress else None)
         p = len(prompt)
         check = AdapterCheck(
             adapter=name,
@@ -106,6 +120,7 @@ def verify(
             tolerance=tolerance,
         )
         if with_onnx:
+            say(f"FP32 reference: {label}")
             check.onnx = compare_with_onnx(model, name, seq, logits)
         checks.append(check)
     return checks

@@ -94,7 +94,8 @@ def _trace(machine: Machine, tiles: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onnx, as_json) -> None:
     """Check the emulator against the golden model (and report the distance from FP32 onnxruntime)."""
-    checks = run_verify(artifacts, model_spec, adapters, steps, _ids(prompt_ids), tolerance, not no_onnx)
+    checks = run_verify(artifacts, model_spec, adapters, steps, _ids(prompt_ids), tolerance, not no_onnx,
+                        progress=not as_json)
     if as_json:
         click.echo(json.dumps([{**c.__dict__, "passed": c.passed} for c in checks], indent=1))
     else:
