@@ -346,3 +346,20 @@ def _one(name: str, target: np.ndarray, spec: MatrixSpec, g: _Gram | None, quant
     else:
         report.pop("_effective")
     return MatrixResult(name, qt, corr, report)
+
+
+def summarize(results: Sequence[MatrixResult]) -> dict:
+    """What a compile log should say: mean relative output errors (this method vs RTN on the same inputs) and
+    every matrix where the method did worse than RTN (it can happen: GPTQ's estimate is on calibration data)."""
+    calibrated = [r for r in results if "out_err" in r.report]
+    if not calibrated:
+        return {"matrices": len(results), "calibrated": False}
+    return {
+        "matrices": len(results),
+        "calibrated": True,
+        "mean_out_err": float(np.mean([r.report["out_err"] for r in calibrated])),
+        "mean_out_err_rtn": float(np.mean([r.report["out_err_rtn"] for r in calibrated])),
+        "worse_than_rtn": [r.name for r in calibrated if r.report["out_err"] > r.report["out_err_rtn"]],
+        "seconds": float(sum(r.report["seconds"] for r in results)),
+        "peak_rss_mib": peak_rss_mib(),
+    }
