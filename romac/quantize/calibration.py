@@ -247,13 +247,16 @@ def quantize_model(model: Model, tokens: np.ndarray | None,
                    quantize_one: Callable[..., tuple[QuantTensor, Any, dict]],
                    fp_target: bool = True, damp: float = 0.01,
                    on_result: Callable[[MatrixResult], None] | None = None,
-                   progress: bool = True, layers: Sequence[int] | None = None) -> Iterator[MatrixResult]:
+                   progress: bool = True, layers: Sequence[int] | None = None,
+                   sequential: bool = True) -> Iterator[MatrixResult]:
     """Quantize every projection of ``model`` in forward order; yields one :class:`MatrixResult` per matrix.
 
     ``tokens [S, T]`` (None: data-free, no forward pass); ``spec`` per tensor name; ``quantize_one(w, spec,
     hessian)`` does the per-matrix work (the registry's :func:`romac.quantize.quantize_and_correct`).
     ``fp_target``: fit against the original model's outputs (drift term) rather than the layer's own
     unquantized output. ``layers``: only these layers (the rest stay FP in the stream; for tests/benchmarks).
+    ``sequential=False``: "one-shot" -- every matrix fitted on the original model's activations (one FP stream,
+    no drift), which is cheaper and lets matrices be fitted independently (what :func:`collect_hessians` serves).
     """
     cfg = model.config
     spec_of = spec if callable(spec) else (lambda _name: spec)
@@ -283,13 +286,27 @@ def quantize_model(model: Model, tokens: np.ndarray | None,
             bar and bar.update(1)
             continue
         active = layer in todo
+        done: list[MatrixResult] = []
+        if not sequential:
+            def observe_fp(stage: str, a: np.ndarray) -> None:
+                g = _Gram(a, None)
+                for m in STAGE_MODULES[stage]:
+                    res = _one(names[m], base[m], spec_of(names[m]), g, quantize_one)
+                    res.report.pop("_effective")
+                    done.append(res)
+
+            x_fp = layer_forward(x_fp, base, cfg, observe_fp if active else None, rope)
+            for res in done:
+                on_result and on_result(res)
+                yield res
+            bar and active and bar.update(1)
+            continue
         fp_inputs: dict[str, np.ndarray] = {}
         x_fp_next = layer_forward(x_fp, base, cfg, (lambda st, a: fp_inputs.__setitem__(st, a)) if fp_target and active else None, rope)
         if not active:
             x_fp, x_q = x_fp_next, layer_forward(x_q, base, cfg, None, rope)
             continue
         grams: dict[str, _Gram] = {}
-        done: list[MatrixResult] = []
         eff: dict[str, np.ndarray] = {}
 
         def observe(stage: str, a: np.ndarray) -> None:
@@ -316,6 +333,28 @@ def quantize_model(model: Model, tokens: np.ndarray | None,
                                 f"(rtn {worst.report['out_err_rtn']:.2e}) rss {peak_rss_mib():.0f}MiB")
             bar.update(1)
     bar and bar.close()
+
+
+def collect_hessians(model: Model, tokens: np.ndarray, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """``(tensor name, H = X^T X / N)`` of every projection on the original model's activations, in forward
+    order (q/k/v share one array, gate/up another). One FP pass; what one-shot sweeps and the ILP's candidate
+    measurements need (keeping them costs ``in x in`` float64 per stage: 0.8 GB for all of SmolLM2)."""
+    cfg = model.config
+    x = _embed(model, np.asarray(tokens, np.int64))
+    rope = rope_tables(cfg, x.shape[1])
+    layers = range(cfg.num_layers)
+    for layer in (tqdm(layers, desc="hessians", unit="layer", file=sys.stderr, disable=not progress) if tqdm else layers):
+        w = {k: np.asarray(model.weights[f"layers.{layer}.{k}"].load(), f32)
+             for k in ("input_layernorm", "post_attention_layernorm")}
+        w.update({m: np.asarray(model.weights[projection_tensor(layer, m)].load(), f32) for m in MODULE_STAGE})
+        found: list[tuple[str, np.ndarray]] = []
+
+        def observe(stage: str, a: np.ndarray) -> None:
+            h = _Gram(a, None, report_tokens=0).h
+            found.extend((projection_tensor(layer, m), h) for m in STAGE_MODULES[stage])
+
+        x = layer_forward(x, w, cfg, observe, rope)
+        yield from found
 
 
 class _StageWeights(dict):

@@ -86,27 +86,48 @@ def fit_lowrank(err: np.ndarray, rank: int, hessian: np.ndarray | None = None, f
     ``refine``: rounds of "round one factor, re-solve the other by least squares" after the SVD, so the
     correction is optimal for the factors the SRAM actually holds, not for the unrounded ones.
     """
+    return fit_lowrank_nested(err, (rank,), hessian, fmt, damp, refine)[rank]
+
+
+def fit_lowrank_nested(err: np.ndarray, ranks, hessian: np.ndarray | None = None, fmt: str = "fp8_e4m3",
+                       damp: float = 0.01, refine: int = 2) -> dict[int, Correction]:
+    """:func:`fit_lowrank` for several ranks from one (weighted) SVD: the truncations are nested."""
     if fmt not in LORA_FORMATS:
         raise RomacError(f"unknown LoRA precision {fmt!r}", where="correction", hint=f"one of {', '.join(LORA_FORMATS)}")
     e = np.asarray(err, np.float64)
-    check_rank(rank, e.shape, "correction")
+    for r in ranks:
+        check_rank(r, e.shape, "correction")
     out_f, in_f = e.shape
-    if rank == 0:
-        return Correction(np.zeros((out_f, 0), f32), np.zeros((0, in_f), f32), fmt)
+    top = max(ranks)
+    out: dict[int, Correction] = {}
+    if top == 0:
+        return {0: Correction(np.zeros((out_f, 0), f32), np.zeros((0, in_f), f32), fmt)}
     if hessian is None:
         u, sv, vt = scipy.linalg.svd(e, full_matrices=False, lapack_driver="gesdd")
-        l2 = np.sqrt(sv[:rank])[:, None] * vt[:rank]
+        l2_all = np.sqrt(sv[:top])[:, None] * vt[:top]
         h = None
     else:
         s = _whitener(hessian, damp)
         u, sv, vt = scipy.linalg.svd(e @ s, full_matrices=False, lapack_driver="gesdd")
         # L2 = Σ^½ V^T S⁻¹  (solve S^T Y = (Σ^½ V^T)^T)
-        l2 = scipy.linalg.solve_triangular(s, (np.sqrt(sv[:rank])[:, None] * vt[:rank]).T, lower=True, trans="T").T
+        l2_all = scipy.linalg.solve_triangular(s, (np.sqrt(sv[:top])[:, None] * vt[:top]).T, lower=True, trans="T").T
         h = s @ s.T
-    l1 = u[:, :rank] * np.sqrt(sv[:rank])[None, :]
+    l1_all = u[:, :top] * np.sqrt(sv[:top])[None, :]
+    eh = e @ h if h is not None else e
+    for rank in ranks:
+        if rank == 0:
+            out[0] = Correction(np.zeros((out_f, 0), f32), np.zeros((0, in_f), f32), fmt)
+            continue
+        out[rank] = _rounded(e, eh, h, l1_all[:, :rank], l2_all[:rank], fmt, refine)
+    return out
+
+
+def _rounded(e: np.ndarray, eh: np.ndarray, h: np.ndarray | None, l1: np.ndarray, l2: np.ndarray, fmt: str,
+             refine: int) -> Correction:
+    """Round the SVD factors to ``fmt``, re-solving each against the other's rounded values."""
+    rank = l2.shape[0]
     l2q, enc2 = sram_roundtrip(l2, fmt)
     l1q, enc1 = sram_roundtrip(l1, fmt)
-    eh = e @ h if h is not None else e
     for k in range(refine if fmt != "fp32" else 0):
         # L1 = argmin ||(E - L1 L2q) S||: L1 = E H L2q^T (L2q H L2q^T)⁻¹   (H = I without calibration)
         l2d = l2q.astype(np.float64)

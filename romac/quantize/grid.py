@@ -123,8 +123,18 @@ def best_zero(wg: np.ndarray, s16: np.ndarray, bits: int, weight: np.ndarray | N
         cands = [np.full_like(np.asarray(z_hint, f32), v) for v in range(qmax + 1)]
     else:
         cands = [np.clip(z_hint + dz, 0, qmax) for dz in range(-spread, spread + 1)]
+    sc = np.asarray(s16, np.float16).astype(f32)[..., None]
+    r = np.rint(wg / sc)                 # the unclipped code offsets; z only decides what gets clipped
     for z in cands:
-        e = group_sq_error(wg, s16, z, bits, weight)
+        zz = np.asarray(z, f32)[..., None]
+        t = np.maximum(r, -zz)          # == clip(rint(w/s) + z, 0, qmax) - z, exactly (small integers)
+        np.minimum(t, qmax - zz, out=t)
+        t *= sc
+        np.subtract(wg, t, out=t)
+        t *= t
+        if weight is not None:
+            t *= weight
+        e = t.sum(-1)
         if best_e is None:
             best_z, best_e = z, e
         else:

@@ -6,7 +6,9 @@ scale of the whole group, and with 4 levels (INT2) most weights then round to on
 
 1. scales ``s = s_rtn * f`` on a geometric grid of shrink factors f (down to 0.5 at INT4, 0.2 at INT2: the
    L2-optimal clipping of a bell-shaped group is far inside its range at 2 bits), each rounded to fp16 as the
-   ROM stores it; for each scale the best integer zero among a few around the centred one (all of them at INT2);
+   ROM stores it; for each scale the best integer zero among the centred one and its neighbours (all four at INT2);
+   measured on SmolLM2: 20 scales and ±1 zero lose 0.1% of the squared error against 40 and ±2, at a third
+   of the time;
 2. a few Lloyd steps from the best candidate: codes fixed, least-squares scale (rounded to fp16), best zero again;
 3. a per-group guard: a group keeps RTN's parameters where the search did not strictly beat them, so the
    result is never worse than RTN on any group (the tests check this, group by group).
@@ -31,7 +33,7 @@ ROW_CHUNK = 1 << 15       # elements of w per vectorised step: keeps the candida
 
 
 def search_group_params(wg: np.ndarray, mask: np.ndarray, bits: int, weight: np.ndarray | None = None,
-                        steps: int = 40, lloyd: int = 3, spread: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                        steps: int = 20, lloyd: int = 3, spread: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Best (s16, z) per group of ``wg`` ``[rows, G, g]``; ``mask`` ``[G, g]`` marks real columns.
 
     ``weight`` broadcasts with ``wg`` (per-column importance; padding must be 0 in it, as in ``mask``).
@@ -71,7 +73,7 @@ def search_group_params(wg: np.ndarray, mask: np.ndarray, bits: int, weight: np.
 
 
 def quantize_mse(w: np.ndarray, bits: int, group_size: int = 128, weight: np.ndarray | None = None,
-                 steps: int = 40, lloyd: int = 3) -> QuantTensor:
+                 steps: int = 20, lloyd: int = 3, spread: int = 1) -> QuantTensor:
     """Quantize ``w [out, in]`` with the per-group MSE search; ``weight [in]`` weights the error per column."""
     w = check_matrix(w, f"mse int{bits}")
     rows, cols = w.shape
@@ -81,7 +83,7 @@ def quantize_mse(w: np.ndarray, bits: int, group_size: int = 128, weight: np.nda
     qs, ss, zs = [], [], []
     for r0 in range(0, rows, per):
         wg = grouped(w[r0:r0 + per], group_size)
-        s16, z = search_group_params(wg, mask, bits, cw, steps, lloyd)
+        s16, z = search_group_params(wg, mask, bits, cw, steps, lloyd, spread)
         qs.append(codes_for(wg, s16, z, bits))
         ss.append(s16)
         zs.append(z)
