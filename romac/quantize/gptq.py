@@ -70,11 +70,50 @@ def _fit_group(wcols: np.ndarray, bits: int, how: str, weight: np.ndarray | None
     return s16[:, 0], z[:, 0]
 
 
+def refit_scales(w: np.ndarray, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, h: np.ndarray,
+                 group_size: int) -> np.ndarray:
+    """Codes and zeros fixed, the fp16 scales that minimise ``(w_r - deq_r) H (w_r - deq_r)^T`` for every row.
+
+    Per row r the dequantized row is ``Σ_g s_g d_g`` with ``d = q - z`` on group g's columns, so the optimal
+    scales solve the G x G system ``(A^T H A) s = A^T H w`` (A: the d's laid out per group). GPTQ fixes each
+    group's scale before the error feedback has changed its later columns; this re-solves them all at once.
+    A scale is kept where the re-solved one is not positive or the row's error does not fall.
+    """
+    rows, cols = codes.shape
+    ng = scale.shape[1]
+    gidx = np.arange(cols) // group_size
+    d = (codes.astype(np.float64) - zero.astype(np.float64)[:, gidx])         # [rows, cols]
+    hd = h.astype(np.float64)
+    m = np.zeros((rows, ng, ng))
+    for g in range(ng):
+        c = slice(g * group_size, min(cols, (g + 1) * group_size))
+        p = d[:, c] @ hd[c, :]                                                  # [rows, cols]
+        m[:, g, :] = np.add.reduceat(p * d, np.arange(0, cols, group_size), axis=1)
+    b = np.add.reduceat((w.astype(np.float64) @ hd) * d, np.arange(0, cols, group_size), axis=1)
+    m[:, np.arange(ng), np.arange(ng)] += 1e-9 * np.maximum(np.trace(m, axis1=1, axis2=2) / ng, 1e-30)[:, None]
+    s_new = np.linalg.solve(m, b[..., None])[..., 0]
+    s16 = np.where(np.isfinite(s_new) & (s_new > 0), s_new, scale.astype(np.float64))
+    with np.errstate(over="ignore"):
+        s16 = s16.astype(np.float16)
+    s16 = np.where(np.isfinite(s16) & (s16 > 0), s16, scale)
+
+    def row_err(sc: np.ndarray) -> np.ndarray:
+        e = w.astype(np.float64) - sc.astype(np.float64)[:, gidx] * d
+        return np.sum((e @ hd) * e, axis=1)
+
+    better = row_err(s16) < row_err(scale)
+    return np.where(better[:, None], s16, scale).astype(np.float16)
+
+
 def quantize_gptq(w: np.ndarray, bits: int, group_size: int = 128, hessian: np.ndarray | None = None,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False, group_fit: str = "mse",
+                  group_weight: str = "diag", refit: bool = True,
                   return_loss: bool = False) -> QuantTensor | tuple[QuantTensor, float]:
     """GPTQ-quantize ``w [out, in]`` under ``hessian [in, in]`` (= X^T X / N of the calibration inputs).
 
+    ``group_weight``: column weights of the MSE group fit: ``"diag"`` (H_jj, the input's energy), ``"obs"``
+    (1 / [H⁻¹]_jj, the OBS saliency GPTQ's own loss uses) or ``"none"``. ``refit``: re-solve every group's fp16
+    scale by least squares under H once the codes are final (:func:`refit_scales`).
     ``return_loss``: also return GPTQ's own estimate of ``tr((W - Q) H (W - Q)^T)`` (summed over rows).
     """
     if hessian is None:
@@ -85,20 +124,33 @@ def quantize_gptq(w: np.ndarray, bits: int, group_size: int = 128, hessian: np.n
     w = check_matrix(w, f"gptq int{bits}")
     qmax = qmax_of(bits)
     rows, cols = w.shape
+    if group_weight not in ("diag", "obs", "none"):
+        raise RomacError(f"unknown group_weight {group_weight!r}", where="gptq", hint="diag, obs or none")
     h, dead = prepare_hessian(hessian, cols, damp)
-    diag = np.diag(h).astype(f32)
+    h_orig = h.copy()
     W = w.copy()
     W[:, dead] = 0
     ng = num_groups(cols, group_size)
     scale = np.empty((rows, ng), np.float16)
     zero = np.empty((rows, ng), f32)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    if act_order:
+        h = h[np.ix_(perm, perm)]
+    U64 = inverse_cholesky_upper(h)
+    U = U64.astype(f32)
+    if group_weight == "diag":
+        diag = np.diag(h_orig).astype(f32)
+    elif group_weight == "obs":   # [H⁻¹]_jj = column norms² of U; back to the original column order
+        inv_diag = np.empty(cols)
+        inv_diag[perm] = np.sum(U64 * U64, axis=0)
+        diag = (1.0 / inv_diag).astype(f32)
+    else:
+        diag = None
     if act_order:   # static groups: parameters from the original W, so storage stays contiguous
         for gi in range(ng):
             c0, c1 = gi * group_size, min(cols, (gi + 1) * group_size)
-            scale[:, gi], zero[:, gi] = _fit_group(W[:, c0:c1], bits, group_fit, diag[c0:c1])
-        W, h = W[:, perm], h[np.ix_(perm, perm)]
-    U = inverse_cholesky_upper(h).astype(f32)
+            scale[:, gi], zero[:, gi] = _fit_group(W[:, c0:c1], bits, group_fit, None if diag is None else diag[c0:c1])
+        W = W[:, perm]
     Q = np.empty((rows, cols), f32)
     loss = 0.0
     # Block boundaries on multiples of the group size, so a group never straddles a lazy batch update.
@@ -113,7 +165,8 @@ def quantize_gptq(w: np.ndarray, bits: int, group_size: int = 128, hessian: np.n
             gi = orig // group_size
             if not act_order and orig % group_size == 0:   # fit on the updated columns of this group
                 c1 = min(cols, orig + group_size)
-                scale[:, gi], zero[:, gi] = _fit_group(W[:, orig:c1], bits, group_fit, diag[orig:c1])
+                scale[:, gi], zero[:, gi] = _fit_group(W[:, orig:c1], bits, group_fit,
+                                                       None if diag is None else diag[orig:c1])
             s16, z = scale[:, gi], zero[:, gi]
             wc = W1[:, i]
             q = codes_for(wc[:, None], s16, z, bits)[:, 0]
@@ -128,6 +181,8 @@ def quantize_gptq(w: np.ndarray, bits: int, group_size: int = 128, hessian: np.n
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
     if not (0 <= Q.min() and Q.max() <= qmax):
         raise AssertionError("gptq produced a code off the grid")
+    if refit:
+        scale = refit_scales(w * (~dead)[None, :], Q, scale, zero, h_orig, group_size)
     mask = group_mask(cols, group_size)
     qg = np.zeros((rows, ng * group_size), f32)
     qg[:, :cols] = Q
