@@ -340,3 +340,50 @@ def test_real_smollm2_layer_gptq_beats_rtn():
                                   progress=False, layers=[0]))
         rep = summarize(res)
         assert len(res) == 7 and rep["mean_out_err"] < 0.7 * rep["mean_out_err_rtn"], rep
+
+
+def test_gptq_scale_refit_lowers_the_weighted_error(rng):
+    x = _activations(rng, 800, 200)
+    h = _hessian(x)
+    w = _trained_like(rng, 48, 200)
+    for bits in (2, 4):
+        errs = {}
+        for refit in (False, True):
+            qt = quantize_matrix("gptq", w, bits, 64, hessian=h, refit=refit)
+            errs[refit] = weighted_error(w - AffineCodec(bits, 64).dequantize(qt), h)
+            if refit:
+                plain = quantize_matrix("gptq", w, bits, 64, hessian=h, refit=False)
+                assert np.array_equal(qt.codes, plain.codes) and np.array_equal(qt.params["zero"], plain.params["zero"])
+        assert errs[True] <= errs[False]
+
+
+def test_nested_ranks_equal_separate_fits(rng):
+    from romac.quantize.correction import fit_lowrank_nested
+
+    w = _trained_like(rng, 64, 200)
+    h = _hessian(_activations(rng, 800, 200))
+    e = w - AffineCodec(2, 64).dequantize(quantize_matrix("rtn", w, 2, 64))
+    nested = fit_lowrank_nested(e, (0, 4, 16), h)
+    assert nested[0].rank == 0
+    for r in (4, 16):
+        assert np.allclose(nested[r].matrix(), fit_correction(e, r, h).matrix(), rtol=1e-5, atol=1e-6)
+
+
+def test_collect_hessians_and_one_shot_mode():
+    from romac.quantize.calibration import collect_hessians
+
+    cfg = small_config()
+    model = small_model(cfg, adapters=0)
+    toks = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 64))
+    hs = dict(collect_hessians(model, toks, progress=False))
+    assert len(hs) == 14
+    assert hs["layers.0.self_attn.q_proj"] is hs["layers.0.self_attn.v_proj"]          # one input, one array
+    assert hs["layers.1.mlp.down_proj"].shape == (cfg.intermediate_size,) * 2
+    h0 = hs["layers.0.self_attn.q_proj"]
+    assert np.allclose(h0, h0.T) and np.linalg.eigvalsh(h0).min() > -1e-6
+    # one-shot quantization of a matrix uses exactly these statistics
+    res = {r.name: r for r in quantize_model(model, toks, MatrixSpec("gptq", 4, 64), quantize_and_correct,
+                                              progress=False, sequential=False)}
+    n = "layers.1.mlp.down_proj"
+    direct = quantize_matrix("gptq", model.weights[n].load(), 4, 64, hessian=hs[n])
+    assert np.array_equal(res[n].qt.codes, direct.codes)
