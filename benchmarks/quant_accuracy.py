@@ -51,15 +51,16 @@ from safetensors.numpy import load_file  # noqa: E402
 from romac.frontend import load_model  # noqa: E402
 from romac.ir import PROJECTIONS, projection_tensor  # noqa: E402
 from romac.quantize import MatrixSpec, dequantize, quantize_and_correct, quantize_matrix  # noqa: E402
-from romac.quantize.allocate import correction_bytes, rom_bits  # noqa: E402
+from romac.quantize.allocate import Candidate, allocate, correction_bytes, rom_bits  # noqa: E402
 from romac.quantize.calibration import collect_hessians, peak_rss_mib, quantize_model, summarize  # noqa: E402
-from romac.quantize.correction import fit_lowrank_nested, sram_roundtrip  # noqa: E402
+from romac.quantize.correction import fit_lowrank_nested, sram_roundtrip, weighted_error  # noqa: E402
 from tests.fixtures import smollm2  # noqa: E402
 
 CAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 EVAL_TEXTS = (Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "LICENSE.txt",
               Path("/usr/share/common-licenses/Apache-2.0"))
 PROMPT = "The capital of France is"
+ILP_RANKS = (0, 8, 16, 32, 48, 64, 96, 128)
 GPTQMODEL_PY = Path(os.environ.get("ROMAC_GPTQMODEL_PY", "/work/venv-gptqmodel/bin/python"))
 LLMC_PY = Path(os.environ.get("ROMAC_LLMCOMPRESSOR_PY", "/work/venv-anchors/bin/python"))
 
@@ -202,8 +203,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a subset: 2048 calibration / 256 eval tokens, fewer rows")
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--quantizers", default="rtn,mse,hqq,gptq")
-    ap.add_argument("--ranks", default="0,8,16,32,64")
-    ap.add_argument("--sequential", default="4:0,4:16,2:0,2:48:2",
+    ap.add_argument("--ranks", default="0,8,16,32,48,64")
+    ap.add_argument("--ilp-rank", type=int, default=48,
+                    help="INT2 GPTQ one-shot row with ranks allocated per matrix by the ILP under the SRAM of this uniform rank (0: none)")
+    ap.add_argument("--sequential", default="4:0,4:16,2:0,2:48:3",
                     help="bits:rank[:alternations] rows of romac's sequential GPTQ + correction ('' for none)")
     ap.add_argument("--cal-tokens", type=int, default=7168)
     ap.add_argument("--eval-tokens", type=int, default=1024)
@@ -215,7 +218,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.cal_tokens, args.eval_tokens = min(args.cal_tokens, 2048), min(args.eval_tokens, 256)
-        args.quantizers, args.ranks, args.sequential = "rtn,gptq", "0,16", "2:16:1"
+        args.quantizers, args.ranks, args.sequential, args.ilp_rank = "rtn,gptq", "0,16", "4:0", 0
     bits_list = [int(b) for b in args.bits.split(",")]
     quantizers = args.quantizers.split(",")
     ranks = sorted({int(r) for r in args.ranks.split(",")})
@@ -253,7 +256,9 @@ def main() -> None:
                                                  **opts), 128) for n in ev.proj}
             q_cpu = time.process_time() - c0
             c0 = time.process_time()
-            nested = {n: fit_lowrank_nested(fp[n] - deq[n], ranks, hess[n]) for n in ev.proj}
+            ilp = args.ilp_rank and qz == "gptq" and bits == 2
+            fit_ranks = sorted(set(ranks) | (set(ILP_RANKS) if ilp else set()))
+            nested = {n: fit_lowrank_nested(fp[n] - deq[n], fit_ranks, hess[n]) for n in ev.proj}
             c_cpu = time.process_time() - c0
             label = {"rtn": "RTN", "mse": "MSE range search (diag-H weighted)", "hqq": "HQQ zero solver (integer zero)",
                      "gptq": "GPTQ (diag-H weighted MSE group fit" + (", act-order)" if bits == 2 else ")")}.get(qz, qz)
@@ -263,6 +268,22 @@ def main() -> None:
                 table.add(group="one-shot", label=f"{label}" + (f" + rank-{r} correction" if r else ""), bits=bits,
                           rank=r, bpw=rom_bits_per_weight(shapes, bits, 128), sram=sram(corrs),
                           cpu_s=q_cpu + (c_cpu * r / max(ranks) if r else 0), **m)
+            if ilp:   # the ILP over per-matrix ranks, relative activation-weighted errors as the additive proxy
+                c0 = time.process_time()
+                cands = []
+                for n in ev.proj:
+                    ref = weighted_error(fp[n], hess[n])
+                    for r in ILP_RANKS:
+                        err = weighted_error(fp[n] - deq[n] - nested[n][r].matrix(), hess[n]) / ref
+                        cands.append(Candidate(n, str(r), err, 0, correction_bytes(shapes[n], r), fp[n].size))
+                budget = sum(correction_bytes(shapes[n], args.ilp_rank) for n in ev.proj)
+                alloc = allocate(cands, np.inf, budget)
+                corrs = {n: nested[n][int(alloc.choice[n])] for n in ev.proj}
+                spread = np.percentile([int(v) for v in alloc.choice.values()], [10, 50, 90]).astype(int).tolist()
+                table.add(group="one-shot", label=f"{label} + ILP ranks (SRAM of rank {args.ilp_rank}; "
+                          f"p10/50/90 rank {spread})", bits=bits, rank="ILP",
+                          bpw=rom_bits_per_weight(shapes, bits, 128), sram=sram(corrs),
+                          cpu_s=q_cpu + c_cpu + time.process_time() - c0, **ev.metrics(deq, corrs))
     del hess
 
     # --- sequential: romac's full scheme
@@ -311,7 +332,7 @@ def main() -> None:
                 deq = {}
                 for n in ev.proj:
                     lin = torch.nn.Linear(shapes[n][1], shapes[n][0], bias=False)
-                    lin.weight.data = torch.from_numpy(fp[n])
+                    lin.weight.data = torch.from_numpy(np.array(fp[n]))
                     h = HQQLinear(lin, BaseQuantizeConfig(nbits=bits, group_size=g, axis=1), compute_dtype=torch.float32,
                                   device="cpu", initialize=True)
                     deq[n] = h.dequantize().float().reshape(shapes[n]).numpy()
