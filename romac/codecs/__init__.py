@@ -9,10 +9,12 @@ from __future__ import annotations
 from romac.codecs.affine import AffineCodec
 from romac.codecs.base import Codec, QuantTensor
 from romac.codecs.bnb import Bnb4bitCodec
+from romac.codecs.elements import fp8_e4m3_decode, fp8_e4m3_encode, fp16_decode, fp16_encode
 from romac.codecs.raw import RawCodec
 from romac.spec.formats import WeightFormat, weight_format
 
-__all__ = ["AffineCodec", "Bnb4bitCodec", "Codec", "QuantTensor", "RawCodec", "codec_for", "get_codec"]
+__all__ = ["AffineCodec", "Bnb4bitCodec", "Codec", "QuantTensor", "RawCodec", "codec_for", "get_codec",
+           "fp8_e4m3_decode", "fp8_e4m3_encode", "fp16_decode", "fp16_encode"]
 
 _BY_FAMILY: dict[str, type[Codec]] = {"affine": AffineCodec, "bnb4": Bnb4bitCodec, "raw": RawCodec}
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from romac.codecs.base import CHUNK, Codec, QuantTensor
 from romac.errors import RomacError
-from romac.spec.formats import AffineFormat
+from romac.spec.formats import AffineFormat, affine_format
 
 f32 = np.float32
 
@@ -25,7 +25,10 @@ class AffineCodec(Codec):
     ``q = clip(rint(w / s) + z, 0, qmax)``.  Dequantization ``float32(s) * (q - z)`` is exact in float32.
     """
 
-    def __init__(self, fmt: AffineFormat) -> None:
+    def __init__(self, fmt: AffineFormat | int, group_size: int = 128) -> None:
+        """``AffineCodec(fmt)``, or ``AffineCodec(bits, group_size)`` for the format of those bits."""
+        if not isinstance(fmt, AffineFormat):
+            fmt = affine_format(int(fmt), group_size)
         super().__init__(fmt)
         self.group = fmt.group_size
         self.qmax = f32(fmt.qmax)

@@ -324,6 +324,15 @@ def weight_format(name: str, group_size: int = 128, blocksize: int = 64, double_
     return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
 
 
+def affine_format(bits: int, group_size: int = 128) -> AffineFormat:
+    """ROMA's affine format with ``bits``-bit codes (int2, int4, int8)."""
+    for cls in _REGISTRY.values():
+        if issubclass(cls, AffineFormat) and cls.code_bits == bits:
+            return cls(group_size=int(group_size))
+    raise RomacError(f"the affine grid has no {bits}-bit format",
+                     hint="bits: " + ", ".join(str(c.code_bits) for c in _REGISTRY.values() if issubclass(c, AffineFormat)))
+
+
 def from_spec(spec: Mapping[str, Any]) -> WeightFormat:
     """The format of a codec spec (``{"format": ..., ...}``, as the manifest stores it)."""
     params = dict(spec)
