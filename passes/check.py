@@ -94,7 +94,8 @@ def _check_regions(plan: Plan, target: Target, fail) -> None:
         fail("the regions are not the tiled tensors in plan order")
     ends: dict[int, list[tuple[int, int, str]]] = {}
     for r, t in zip(plan.regions, placed):
-        if (r.kind, r.format, tuple(r.shape), r.constants_of) != (t.kind, t.format, tuple(t.shape), t.constants_of):
+        if (r.kind, r.format, tuple(r.shape), r.constants_of, r.quantizer) != \
+                (t.kind, t.format, tuple(t.shape), t.constants_of, t.quantizer):
             fail(f"region {r.name!r} disagrees with its tensor plan")
         words = tile_words(r.format, t.grid, target.word_bytes)
         if r.n_tiles != words.size or r.grid != t.grid:

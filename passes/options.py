@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -18,3 +20,11 @@ class CompileOptions:
     double_quant: bool | None = None  # quantize the absmax values too (default True, as QLoRA)
     bnb_threads: int | None = None  # torch threads whose float32 mean(absmax) to reproduce (default 1)
     bnb_cpu_repacked: bool | None = None  # reproduce bnb's CPU inference repacking of the absmax (default False)
+    # how the projections' codes are chosen (romac.quantize): the algorithm, a low-rank correction in SRAM and its
+    # alternations with the codes, and calibration token ids [sequences, length] (the driver reads --calibration)
+    quantizer: str | None = None  # default rtn
+    correction_rank: int | None = None
+    correction_iters: int | None = None
+    calibration_tokens: np.ndarray | None = field(default=None, compare=False, repr=False)
+    workdir: str | None = None  # where the quantizer keeps codes until the emitter writes them (default: temp)
+    progress: bool = False  # show per-layer progress of calibration and quantization

@@ -111,7 +111,7 @@ def partition(model: Model, target: Target, options: CompileOptions) -> Model:
             extents.append(Extent(int(b), int(used[b]), int(per_bank[b])))
             used[b] += per_bank[b]
         regions.append(Region(name, t.kind, t.format, tuple(t.shape), (t.grid.tile_rows, t.grid.tile_cols),
-                              int(words.size), int(start), tuple(extents), t.constants_of))
+                              int(words.size), int(start), tuple(extents), t.constants_of, t.quantizer))
     full = int(np.argmax(used))
     if used[full] > target.bank_words:  # total fits but one bank overflows (a huge vector, uneven tails)
         raise CapacityError(

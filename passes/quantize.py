@@ -12,15 +12,22 @@ format for it (``--quant`` / ``--quant-embedding``), or the target cannot place 
 the target's (or the named) format is used, and the emitter passes the stored codes through only if it is the
 stored one; any other format re-quantizes the dequantized values (``romac compile`` says so).
 Passing the nf4/fp4 parameters when no tensor is quantized to nf4/fp4 from floats is an error (they would do
-nothing). No weight data is read: the codes are computed by the emitter, one matrix at a time.
+nothing). With plain round-to-nearest no weight data is read here: the codes are computed by the emitter, one
+matrix at a time. With ``--quantizer`` other than rtn or ``--correction-rank``, the projections' codes are chosen
+here by :mod:`romac.quantize` (in forward order, with ``--calibration`` tokens for the data-aware ones), kept in a
+temporary store one layer at a time, and passed to the emitter as stored codes; the correction becomes
+``Model.correction`` (an SRAM image), and each tensor plan says which quantizer chose it and its correction rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from romac.errors import RomacError
 from romac.ir import EMBEDDING_TENSORS, ROPE_TABLE, Model, stored_tensors
 from romac.passes.options import CompileOptions
-from romac.spec.formats import FP32, WEIGHT_FORMATS, Bnb4bitFormat, WeightFormat, from_spec, weight_format
+from romac.quantize.fit import FitRequest, fit_model
+from romac.spec.formats import FP32, WEIGHT_FORMATS, AffineFormat, Bnb4bitFormat, WeightFormat, from_spec, weight_format
 from romac.spec.plan import MATRIX, VECTOR, TensorPlan
 from romac.targets import Target
 
@@ -73,7 +80,7 @@ def quantize(model: Model, target: Target, options: CompileOptions) -> Model:
     proj = choose_format(options.quant or target.weights, target, options)
     embed = choose_format(options.quant_embedding or target.embedding, target, options, "--quant-embedding")
     norm = weight_format(target.norms)
-    tensors, requested = {}, []
+    formats, requested = {}, []
     for name in stored_tensors(cfg):
         handle = model.weights[name]
         shape = tuple(handle.shape)
@@ -89,10 +96,7 @@ def quantize(model: Model, target: Target, options: CompileOptions) -> Model:
             fmt = embed if name in EMBEDDING_TENSORS else proj
         if stored is None or chosen is not None:
             requested.append(fmt)
-        rank = 0
-        if model.correction is not None and name in model.correction.weights:
-            rank = int(model.correction.weights[name][0].shape[0])
-        tensors[name] = TensorPlan(name, VECTOR if len(shape) == 1 else MATRIX, shape, fmt, correction_rank=rank)
+        formats[name] = fmt
     flags = _bnb_flags(options)
     if flags and not any(isinstance(f, Bnb4bitFormat) for f in requested):
         raise RomacError(
@@ -101,4 +105,44 @@ def quantize(model: Model, target: Target, options: CompileOptions) -> Model:
             hint="add --quant nf4 (or fp4); a bitsandbytes checkpoint keeps its stored codes unless --quant names "
                  "another format",
         )
+    method = options.quantizer or "rtn"
+    if method != "rtn" or options.correction_rank:
+        model = _fit(model, formats, target, options, method)
+    elif options.calibration_tokens is not None:
+        raise RomacError("has no effect with round-to-nearest codes and no correction", where="--calibration",
+                         hint="add --quantizer gptq (or another) or --correction-rank R")
+    ranks = {}
+    if model.correction is not None:
+        ranks = {t: int(a.shape[0]) for t, (a, _) in model.correction.weights.items()}
+    fitted = set(_projections(model, formats)) if method != "rtn" else set()
+    tensors = {}
+    for name, fmt in formats.items():
+        shape = tuple(model.weights[name].shape)
+        tensors[name] = TensorPlan(name, VECTOR if len(shape) == 1 else MATRIX, shape, fmt,
+                                   quantizer=method if name in fitted else "rtn", correction_rank=ranks.get(name, 0))
     return model.with_plan(tensors=tensors)
+
+
+def _projections(model: Model, formats: dict) -> list[str]:
+    return [n for n, f in formats.items() if len(model.weights[n].shape) == 2 and n not in EMBEDDING_TENSORS]
+
+
+def _fit(model: Model, formats: dict, target: Target, options: CompileOptions, method: str) -> Model:
+    """The projections' codes (and corrections) chosen by the quantizer, kept in a store the emitter reads."""
+    names = _projections(model, formats)
+    stored = [n for n in names if model.weights[n].codec_spec is not None]
+    if stored and options.quant is None:
+        raise RomacError(
+            f"the base arrives quantized ({len(stored)} projections hold stored codes, which its adapters were "
+            "trained on); --quantizer and --correction-rank would replace them",
+            where="--quantizer / --correction-rank",
+            hint="pass --quant FORMAT as well to re-quantize it anyway (an adapter trained on the stored base may "
+                 "then no longer fit), or compile it as it is")
+    other = [formats[n].name for n in names if not isinstance(formats[n], AffineFormat)]
+    if other:
+        raise RomacError(f"--quantizer and --correction-rank choose codes on the affine grid, not {other[0]}",
+                         where="--quant", hint="use int2, int4 or int8")
+    req = FitRequest(method, options.correction_rank or 0, options.correction_iters or 1, options.calibration_tokens,
+                     target.lora, workdir=options.workdir, progress=options.progress)
+    fitted, report = fit_model(model, {n: formats[n] for n in names}, req)
+    return dataclasses.replace(fitted, source={**fitted.source, "quantizer": {"method": method, **report}})

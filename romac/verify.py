@@ -9,9 +9,11 @@ emulator (teacher-forced top-1 agreement, KL divergence) is the cost of quantiza
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +22,7 @@ from romac.emulator import Machine
 from romac.errors import RomacError
 from romac.spec.manifest import Manifest
 from romac.frontend import attach_adapters, load_model
-from romac.ir import Model
+from romac.ir import ArrayWeight, LoraAdapter, Model
 from romac.onnx_reference import compare_with_onnx
 from romac.reference import GoldenModel, relative_error
 
@@ -78,6 +80,47 @@ def source_model(manifest: Manifest, model_spec: str | None, adapter_specs: Sequ
     return model
 
 
+@dataclass(frozen=True)
+class _RomCodes:
+    """A region's codes as the ROM holds them, for the golden model (a WeightHandle)."""
+
+    name: str
+    shape: tuple[int, ...]
+    codec_spec: dict
+    rom: Any = field(repr=False, compare=False)
+    rid: int = 0
+    source: str = "the ROM (chosen by a quantizer)"
+
+    def load_quantized(self):
+        return self.rom.quantized(self.rid)
+
+    def load(self) -> np.ndarray:
+        return self.rom.value(self.rid, cache=False)
+
+    def load_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.load()[start:stop]
+
+
+def what_the_quantizer_chose(model: Model, machine: Machine) -> Model:
+    """The source model with what the compiler chose beyond round-to-nearest, which the source alone cannot give:
+    the codes of the regions a quantizer (GPTQ, ...) chose, from the ROM, and the low-rank correction, from SRAM.
+    Everything else the golden model still computes from the source checkpoint."""
+    manifest = machine.manifest
+    weights = dict(model.weights)
+    for rid, r in enumerate(manifest.regions):
+        if r.quantizer != "rtn":
+            weights[r.name] = _RomCodes(r.name, tuple(r.shape), r.format.spec(), machine.rom, rid)
+    correction = None
+    if machine.sram.correction:
+        slots = manifest.sram.slots
+        factors = {slots[s]: (ArrayWeight(f"{slots[s]}.l2", np.ascontiguousarray(a_t.T)),
+                              ArrayWeight(f"{slots[s]}.l1", np.ascontiguousarray(b_t.T)))
+                   for s, (a_t, b_t, _) in machine.sram.correction.items()}
+        top = max(a.shape[0] for a, _ in factors.values())
+        correction = LoraAdapter("correction", top, float(top), False, factors, source="the SRAM correction image")
+    return dataclasses.replace(model, weights=weights, correction=correction)
+
+
 def verify(
     artifacts: str,
     model_spec: str | None = None,
@@ -94,6 +137,7 @@ def verify(
     machine = Machine(artifacts)
     manifest = machine.manifest
     model = source_model(manifest, model_spec, adapter_specs)
+    chip = what_the_quantizer_chose(model, machine)  # the golden model's view; the FP32 reference keeps the source
     given = {a.name for a in model.adapters}
     names: list[str | None] = [None] + [n for n in manifest.adapters if n in given]
     prompt = list(prompt) if prompt else default_prompt(model.config.vocab_size, model.config.bos_token_id)
@@ -107,7 +151,7 @@ def verify(
         machine.reset(adapter=name)
         new, logits = machine.generate(prompt, steps)
         seq = prompt + new
-        base = base or GoldenModel.of_artifacts(model, manifest, keep_weights=keep)
+        base = base or GoldenModel.of_artifacts(chip, manifest, keep_weights=keep)
         golden = base.with_adapter(name)  # kept base weights are dequantized once for every adapter
         say(f"golden model: {label}, {len(seq)} positions in one pass over the weights")
         ref = golden.logits(seq, progress="golden model" if progress else None)

@@ -6,7 +6,7 @@ import click
 
 from romac.backend.report import build_report
 from romac.backend.romformats import parse_formats
-from romac.cli.common import _bnb_options, cli
+from romac.cli.common import _bnb_options, _quantizer_options, cli
 from romac.cli.use import show_report
 from romac.driver import compile_checkpoint, requantize_notes
 from romac.frontend import describe, detect
@@ -27,6 +27,7 @@ DEFAULT_OUT = "romac-out"
 @click.option("--quant", default=None, help=f"Format of the projection matrices: {', '.join(WEIGHT_FORMATS)}.")
 @click.option("--quant-embedding", default=None, help="Format of the embedding and LM head.")
 @_bnb_options
+@_quantizer_options
 @click.option("--max-context", type=click.IntRange(min=1), default=None, help="KV-cache length in tokens.")
 @click.option("--rom-format", "rom_formats", multiple=True, metavar="FMT[,FMT]",
               help="Also write each bank as mem ($readmemh), coe (Xilinx), mif (Intel) or verilog (a ROM module "
@@ -35,7 +36,8 @@ DEFAULT_OUT = "romac-out"
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads,
-            bnb_cpu_repacked, max_context, rom_formats, out, force, quiet) -> None:
+            bnb_cpu_repacked, quantizer, calibration, calibration_tokens, correction_rank, correction_iters,
+            max_context, rom_formats, out, force, quiet) -> None:
     """Compile MODEL (a checkpoint directory or a .gguf file; default: the built-in model and adapter) into OUT.
 
     \b
@@ -61,9 +63,20 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
         click.echo(f"romac: compiling {what}", err=True)
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              rom_formats=rom_formats, bnb_blocksize=bnb_blocksize, double_quant=double_quant,
-                             bnb_threads=bnb_threads, bnb_cpu_repacked=bnb_cpu_repacked)
+                             bnb_threads=bnb_threads, bnb_cpu_repacked=bnb_cpu_repacked, quantizer=quantizer,
+                             correction_rank=correction_rank, correction_iters=correction_iters, progress=not quiet)
     t = load_target(target)
-    compiled = compile_checkpoint(model, out, adapters, t, options, force=force, progress=not quiet)
+    compiled = compile_checkpoint(model, out, adapters, t, options, force=force, progress=not quiet,
+                                  calibration=calibration, calibration_shape=(512, calibration_tokens))
+    q = compiled.source.get("quantizer")
+    if q is not None and not quiet:
+        said = f"romac: {q['method']}: {q['matrices']} projections"
+        if q.get("calibrated"):
+            said += (f", mean calibration output error {q['mean_out_err']:.3g} (RTN on the same inputs "
+                     f"{q['mean_out_err_rtn']:.3g})")
+            if q["worse_than_rtn"]:
+                said += f"; worse than RTN on {len(q['worse_than_rtn'])}: {', '.join(q['worse_than_rtn'][:3])}"
+        click.echo(said + (f", {q['seconds']:.0f} s" if "seconds" in q else ""), err=True)
     notes = requantize_notes(compiled)
     if notes:  # the stored codes of a pre-quantized base that did not reach ROM as they were
         click.echo(f"romac: {len(notes)} pre-quantized tensor(s) re-quantized; an adapter trained on the stored "

@@ -41,3 +41,20 @@ def _bnb_options(f):
     return click.option("--bnb-blocksize", type=int, default=None,
                         help="nf4/fp4: weights per absmax block, as bitsandbytes' blocksize (32, 64, ... 4096; "
                              "default 64).")(f)
+
+
+def _quantizer_options(f):
+    """How the projections' codes are chosen (romac.quantize), shared by compile and plan."""
+    f = click.option("--correction-iters", type=click.IntRange(min=1), default=None,
+                     help="Alternations of codes and correction (LoftQ-style; default 1: quantize, then correct).")(f)
+    f = click.option("--correction-rank", type=click.IntRange(min=0), default=None, metavar="R",
+                     help="Fit a rank-R correction of each projection's quantization error, kept in SRAM and "
+                          "applied on every run (activation-weighted with --calibration).")(f)
+    f = click.option("--calibration-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+                     help="Use at most this many calibration tokens (sequences of 512).")(f)
+    f = click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Calibration data for the quantizer: a text file (encoded with the checkpoint's "
+                          "tokenizer) or a JSON list of token ids.")(f)
+    return click.option("--quantizer", default=None, metavar="NAME",
+                        help="How the projections' codes are chosen on the target's grid: rtn (default), mse, hqq "
+                             "(data-free), gptq (needs --calibration).")(f)

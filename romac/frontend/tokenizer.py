@@ -293,6 +293,11 @@ def artifact_tokenizer(manifest: Manifest):
                          where=str(root / TOKENIZER)) from None
 
 
+def model_tokenizer(text: str | None):
+    """The tokenizers.Tokenizer of a model's ``tokenizer.json`` text (``Model.tokenizer``), or None without one."""
+    return None if text is None else _tk().Tokenizer.from_str(text)
+
+
 def encode(tok, text: str) -> list[int]:
     """Token ids of ``text``, with BOS/EOS as the tokenizer's post-processor adds them."""
     return list(tok.encode(text, add_special_tokens=True).ids)

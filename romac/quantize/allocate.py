@@ -26,20 +26,20 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from romac.errors import RomacError
 from romac.quantize.grid import num_groups
-
-SCALE_BITS, LORA_ELEM_BYTES = 16, {"fp8_e4m3": 1, "fp16": 2, "fp32": 4}
+from romac.spec.formats import LORA_FORMATS, affine_format, element_format
 
 
 def rom_bits(shape: tuple[int, int], bits: int, group_size: int = 128) -> int:
     """ROM bits of one affine matrix: k-bit codes + per group an fp16 scale and a k-bit zero."""
     out_f, in_f = shape
-    return out_f * in_f * bits + out_f * num_groups(in_f, group_size) * (SCALE_BITS + bits)
+    return affine_format(bits, group_size).storage_bits(out_f * in_f, out_f * num_groups(in_f, group_size))
 
 
-def correction_bytes(shape: tuple[int, int], rank: int, fmt: str = "fp8_e4m3") -> int:
-    """SRAM bytes of a rank-R correction: both factors in the LoRA precision (+ two fp32 scales for fp8)."""
+def correction_bytes(shape: tuple[int, int], rank: int, fmt: str = LORA_FORMATS[0]) -> int:
+    """SRAM bytes of a rank-R correction: both factors in the LoRA precision (+ a scale each if it is scaled)."""
     out_f, in_f = shape
-    return rank * (out_f + in_f) * LORA_ELEM_BYTES[fmt] + (8 if fmt == "fp8_e4m3" and rank else 0)
+    elem = element_format(fmt)
+    return rank * (out_f + in_f) * elem.bytes + (2 * elem.scale_bytes if rank else 0)
 
 
 @dataclass(frozen=True)

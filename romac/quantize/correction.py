@@ -22,11 +22,14 @@ from typing import Callable
 import numpy as np
 import scipy.linalg
 
-from romac.codecs import QuantTensor, fp8_e4m3_decode, fp8_e4m3_encode, fp16_decode, fp16_encode
+from romac.codecs import QuantTensor
+from romac.codecs.elements import decode_lora, encode_lora
 from romac.errors import RomacError
+from romac.spec.formats import ELEMENT_FORMATS, element_format
 
 f32 = np.float32
-LORA_FORMATS = ("fp8_e4m3", "fp16", "fp32")
+#: precisions a correction can be rounded to: the chip's LoRA formats, and fp32 for experiments
+CORRECTION_FORMATS = tuple(ELEMENT_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,8 @@ class Correction:
 
     def sram_bytes(self) -> int:
         """Bytes of the two factors in SRAM (elements x element size; + 2 float32 scales for fp8)."""
-        elem = {"fp8_e4m3": 1, "fp16": 2, "fp32": 4}[self.fmt]
-        return (self.l1.size + self.l2.size) * elem + (8 if self.fmt == "fp8_e4m3" else 0)
+        elem = element_format(self.fmt)
+        return (self.l1.size + self.l2.size) * elem.bytes + 2 * elem.scale_bytes
 
     def matrix(self) -> np.ndarray:
         return self.l1 @ self.l2
@@ -54,12 +57,12 @@ class Correction:
 def sram_roundtrip(x: np.ndarray, fmt: str) -> tuple[np.ndarray, tuple]:
     """A factor as it reads back from SRAM in ``fmt`` (and its encoding for fp8)."""
     x = np.ascontiguousarray(x, f32)
-    if fmt == "fp8_e4m3":
-        codes, scale = fp8_e4m3_encode(x)
-        return fp8_e4m3_decode(codes, scale), (codes, scale)
-    if fmt == "fp16":
-        return fp16_decode(fp16_encode(x)), ()
-    return x, ()
+    data, scale = encode_lora(x, fmt)
+    codes = np.frombuffer(data, np.uint8)
+    decoded = decode_lora(codes, x.shape, fmt, scale)
+    if element_format(fmt).scaled:
+        return decoded, (codes.reshape(x.shape), f32(scale))
+    return decoded, ()
 
 
 def check_rank(rank: int, shape: tuple[int, int], where: str) -> None:
@@ -92,8 +95,9 @@ def fit_lowrank(err: np.ndarray, rank: int, hessian: np.ndarray | None = None, f
 def fit_lowrank_nested(err: np.ndarray, ranks, hessian: np.ndarray | None = None, fmt: str = "fp8_e4m3",
                        damp: float = 0.01, refine: int = 2) -> dict[int, Correction]:
     """:func:`fit_lowrank` for several ranks from one (weighted) SVD: the truncations are nested."""
-    if fmt not in LORA_FORMATS:
-        raise RomacError(f"unknown LoRA precision {fmt!r}", where="correction", hint=f"one of {', '.join(LORA_FORMATS)}")
+    if fmt not in CORRECTION_FORMATS:
+        raise RomacError(f"unknown LoRA precision {fmt!r}", where="correction",
+                         hint=f"one of {', '.join(CORRECTION_FORMATS)}")
     e = np.asarray(err, np.float64)
     for r in ranks:
         check_rank(r, e.shape, "correction")
@@ -131,7 +135,8 @@ def _rounded(e: np.ndarray, eh: np.ndarray, h: np.ndarray | None, l1: np.ndarray
     rank = l2.shape[0]
     l2q, enc2 = sram_roundtrip(l2, fmt)
     l1q, enc1 = sram_roundtrip(l1, fmt)
-    for k in range(refine if fmt != "fp32" else 0):
+    lossless = np.dtype(element_format(fmt).dtype) == np.dtype(f32)   # nothing to compensate
+    for k in range(0 if lossless else refine):
         # L1 = argmin ||(E - L1 L2q) S||: L1 = E H L2q^T (L2q H L2q^T)⁻¹   (H = I without calibration)
         l2d = l2q.astype(np.float64)
         g = l2d @ h @ l2d.T if h is not None else l2d @ l2d.T
@@ -144,7 +149,7 @@ def _rounded(e: np.ndarray, eh: np.ndarray, h: np.ndarray | None, l1: np.ndarray
         ata = a.T @ a
         l2 = scipy.linalg.solve(ata + 1e-12 * np.trace(ata) / rank * np.eye(rank), a.T @ e, assume_a="pos")
         l2q, enc2 = sram_roundtrip(l2, fmt)
-    return Correction(l1q, l2q, fmt, (enc1, enc2) if fmt == "fp8_e4m3" else ())
+    return Correction(l1q, l2q, fmt, (enc1, enc2) if element_format(fmt).scaled else ())
 
 
 def weighted_error(err: np.ndarray, hessian: np.ndarray | None) -> float:

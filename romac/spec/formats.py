@@ -362,6 +362,11 @@ class ElementFormat:
     has_inf: bool = True
 
     @property
+    def scale_bytes(self) -> int:
+        """Bytes of the per-matrix scale a matrix in this format carries (a float32; 0 if unscaled)."""
+        return np.dtype(np.float32).itemsize if self.scaled else 0
+
+    @property
     def max(self) -> float:
         """The largest finite value (stores saturate there)."""
         return float(ml_dtypes.finfo(self.dtype).max) if self.dtype not in (np.float32, np.float16) \
