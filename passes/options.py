@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: ``--rom-budget fill``: as much of the target's B-ROM as the placement can use
+ROM_BUDGET_FILL = "fill"
+
 
 @dataclass(frozen=True)
 class CompileOptions:
@@ -26,5 +29,8 @@ class CompileOptions:
     correction_rank: int | None = None
     correction_iters: int | None = None
     calibration_tokens: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # per-matrix formats and correction ranks chosen by an integer program within this many bytes of B-ROM (or
+    # ROM_BUDGET_FILL) and the SRAM beside the adapters and the KV cache; correction_rank is then the largest offered
+    rom_budget: int | str | None = None
     workdir: str | None = None  # where the quantizer keeps codes until the emitter writes them (default: temp)
     progress: bool = False  # show per-layer progress of calibration and quantization

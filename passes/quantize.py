@@ -25,9 +25,13 @@ import dataclasses
 
 from romac.errors import RomacError
 from romac.ir import EMBEDDING_TENSORS, ROPE_TABLE, Model, stored_tensors
-from romac.passes.options import CompileOptions
+from romac.passes.options import ROM_BUDGET_FILL, CompileOptions
+from romac.passes.sram_layout import lora_slots, plan_sram
+from romac.quantize import budget
 from romac.quantize.fit import FitRequest, fit_model
-from romac.spec.formats import FP32, WEIGHT_FORMATS, AffineFormat, Bnb4bitFormat, WeightFormat, from_spec, weight_format
+from romac.spec.formats import (FP32, WEIGHT_FORMATS, AffineFormat, Bnb4bitFormat, WeightFormat, from_spec, is_format,
+                                weight_format)
+from romac.spec.layout import SRAM_ALIGN, slot_table_bytes
 from romac.spec.plan import MATRIX, VECTOR, TensorPlan
 from romac.targets import Target
 
@@ -106,9 +110,12 @@ def quantize(model: Model, target: Target, options: CompileOptions) -> Model:
                  "another format",
         )
     method = options.quantizer or "rtn"
-    if method != "rtn" or options.correction_rank:
-        model = _fit(model, formats, target, options, method)
-    elif options.calibration_tokens is not None:
+    ranks_of = None
+    if options.rom_budget is not None:
+        model, ranks_of = _allocate(model, formats, target, options, method)
+    if method != "rtn" or options.correction_rank and ranks_of is None or any((ranks_of or {}).values()):
+        model = _fit(model, formats, target, options, method, ranks_of)
+    elif options.calibration_tokens is not None and options.rom_budget is None:
         raise RomacError("has no effect with round-to-nearest codes and no correction", where="--calibration",
                          hint="add --quantizer gptq (or another) or --correction-rank R")
     ranks = {}
@@ -127,22 +134,66 @@ def _projections(model: Model, formats: dict) -> list[str]:
     return [n for n, f in formats.items() if len(model.weights[n].shape) == 2 and n not in EMBEDDING_TENSORS]
 
 
-def _fit(model: Model, formats: dict, target: Target, options: CompileOptions, method: str) -> Model:
-    """The projections' codes (and corrections) chosen by the quantizer, kept in a store the emitter reads."""
-    names = _projections(model, formats)
+def _refuse_stored_codes(model: Model, names: list[str], options: CompileOptions, flags: str) -> None:
     stored = [n for n in names if model.weights[n].codec_spec is not None]
     if stored and options.quant is None:
         raise RomacError(
             f"the base arrives quantized ({len(stored)} projections hold stored codes, which its adapters were "
-            "trained on); --quantizer and --correction-rank would replace them",
-            where="--quantizer / --correction-rank",
+            f"trained on); {flags} would replace them", where=flags,
             hint="pass --quant FORMAT as well to re-quantize it anyway (an adapter trained on the stored base may "
                  "then no longer fit), or compile it as it is")
+
+
+def _fit(model: Model, formats: dict, target: Target, options: CompileOptions, method: str,
+         ranks: dict[str, int] | None = None) -> Model:
+    """The projections' codes (and corrections) chosen by the quantizer, kept in a store the emitter reads."""
+    names = _projections(model, formats)
+    _refuse_stored_codes(model, names, options, "--quantizer / --correction-rank")
     other = [formats[n].name for n in names if not isinstance(formats[n], AffineFormat)]
     if other:
         raise RomacError(f"--quantizer and --correction-rank choose codes on the affine grid, not {other[0]}",
                          where="--quant", hint="use int2, int4 or int8")
     req = FitRequest(method, options.correction_rank or 0, options.correction_iters or 1, options.calibration_tokens,
-                     target.lora, workdir=options.workdir, progress=options.progress)
+                     target.lora, ranks=ranks, workdir=options.workdir, progress=options.progress)
+    replaced = {n: model.weights[n].codec_spec.get("format") for n in names if model.weights[n].codec_spec is not None}
     fitted, report = fit_model(model, {n: formats[n] for n in names}, req)
-    return dataclasses.replace(fitted, source={**fitted.source, "quantizer": {"method": method, **report}})
+    report = {"method": method, **report, **({"replaced_stored_codes": replaced} if replaced else {})}
+    return dataclasses.replace(fitted, source={**fitted.source, "quantizer": report})
+
+
+def _allocate(model: Model, formats: dict, target: Target, options: CompileOptions,
+              method: str) -> tuple[Model, dict[str, int]]:
+    """``--rom-budget``: each projection's format (in ``formats``, updated) and correction rank (returned), chosen
+    by the integer program within the ROM budget and the SRAM beside the adapters and the KV cache."""
+    names = _projections(model, formats)
+    if options.quant is not None:
+        raise RomacError("--rom-budget chooses the projections' formats itself", where="--quant",
+                         hint="drop --quant (the choice is among the target's weight_formats), or drop --rom-budget")
+    _refuse_stored_codes(model, names, options, "--rom-budget")
+    allowed = tuple(choose_format(f, target, options, "--rom-budget") for f in target.weight_formats
+                    if is_format(f, "affine"))
+    geometry = budget.TileGeometry(target.tile_rows, target.tile_cols, target.word_bytes)
+    rom_total = target.banks * target.bank_words * target.word_bits
+    if options.rom_budget == ROM_BUDGET_FILL:  # round-robin placement leaves banks up to one tile apart
+        widest = max(allowed, key=lambda f: f.code_bits)
+        tile_bits = geometry.rom_bits((target.tile_rows, target.tile_cols), widest)
+        budget_bits = rom_total - target.banks * tile_bits
+    else:
+        budget_bits = 8 * int(options.rom_budget)
+        if budget_bits > rom_total:
+            raise RomacError(f"the budget of {budget_bits / 8 / 2**20:,.1f} MiB exceeds target {target.name!r}'s "
+                             f"B-ROM of {rom_total / 8 / 2**20:,.1f} MiB", where="--rom-budget",
+                             hint="use a smaller size, or 'fill' for all of it")
+    shapes = {n: tuple(model.weights[n].shape) for n in formats if n not in names}
+    room_bits = budget.projection_budget(budget_bits, budget.fixed_rom_bits(shapes, formats, geometry))
+    context = options.max_context or target.max_context
+    without = plan_sram(model.config, model.adapters, target, context)
+    slots = len(lora_slots(model.config.num_layers))
+    sram_room = target.sram_bytes - without.kv.offset - without.kv.bytes - SRAM_ALIGN \
+        - slot_table_bytes(slots) - 2 * SRAM_ALIGN * len(names)
+    req = budget.BudgetRequest(room_bits, max(sram_room, 0) if options.correction_rank else 0.0, allowed,
+                               options.correction_rank or 0, method, target.lora, options.progress)
+    chosen, ranks, _, report = budget.choose(model, names, req, geometry, options.calibration_tokens)
+    formats.update(chosen)
+    report["rom_budget"] = "fill" if options.rom_budget == ROM_BUDGET_FILL else int(options.rom_budget)
+    return dataclasses.replace(model, source={**model.source, "allocation": report}), ranks

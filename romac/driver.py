@@ -49,6 +49,10 @@ def requantize_notes(model: Model) -> list[str]:
             f"{name}: stored {handle.codec_spec.get('format')} re-quantized to {t.format.name} from the dequantized "
             "weights; the stored codes are not kept")
         notes.append(note)
+    q = model.source.get("quantizer", {})
+    for name, stored in q.get("replaced_stored_codes", {}).items():  # the quantizer chose new codes from the values
+        notes.append(f"{name}: stored {stored} codes replaced by {q['method']} codes on "
+                     f"{model.plan.tensors[name].format.name}, fitted to the dequantized weights")
     return notes
 
 

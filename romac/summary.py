@@ -57,6 +57,10 @@ def capacity_lines(report: dict[str, Any]) -> list[str]:
                      f"({_mib(ad['bytes'])}); alone it leaves room for {ad['longest_context_alone']:,} tokens")
     if not sram["adapters"]:
         lines.append("        no adapters")
+    corr = sram.get("correction")
+    if corr is not None:
+        lines.append(f"        correction of the base: rank up to {corr['max_rank']} on {corr['slots']} projections, "
+                     f"{corr['bytes']:,} B ({_mib(corr['bytes'])}), resident on every run")
     lines.append(f"        KV cache ({kv['format']}): {kv['max_context']:,} tokens × {kv['bytes_per_token']:,} B = "
                  f"{kv['bytes']:,} B at offset {kv['offset']:,}")
     lines.append(f"        longest context that fits beside these adapters: {sram['longest_context']:,} tokens")

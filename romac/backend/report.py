@@ -92,6 +92,14 @@ def build_report(model: Model, target: Target) -> dict:
         "program": {"instructions": len(plan.program)},
         "performance": estimate(workload_from_plan(model, target)) if target.perf is not None else None,
     }
+    report["weights"]["matrices"] = {
+        r.name: {"format": r.format.name, "group": r.format.group, "quantizer": r.quantizer,
+                 "correction_rank": plan.tensors[r.name].correction_rank if r.name in plan.tensors else 0,
+                 "bits_per_weight": r.words * target.word_bits / math.prod(r.shape)}
+        for r in plan.regions if r.kind == MATRIX}
+    for key in ("quantizer", "allocation"):  # how the codes and the per-matrix choice were made
+        if key in model.source:
+            report["weights"][key] = model.source[key]
     if sram.correction is not None:  # the base's low-rank correction, resident in SRAM on every run
         c = sram.correction
         report["sram"]["correction"] = {"bytes": c.bytes, "max_rank": c.rank, "slots": len(c.entries),

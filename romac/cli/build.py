@@ -36,8 +36,8 @@ DEFAULT_OUT = "romac-out"
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads,
-            bnb_cpu_repacked, quantizer, calibration, calibration_tokens, correction_rank, correction_iters,
-            max_context, rom_formats, out, force, quiet) -> None:
+            bnb_cpu_repacked, rom_budget, quantizer, calibration, calibration_tokens, correction_rank,
+            correction_iters, max_context, rom_formats, out, force, quiet) -> None:
     """Compile MODEL (a checkpoint directory or a .gguf file; default: the built-in model and adapter) into OUT.
 
     \b
@@ -64,7 +64,8 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              rom_formats=rom_formats, bnb_blocksize=bnb_blocksize, double_quant=double_quant,
                              bnb_threads=bnb_threads, bnb_cpu_repacked=bnb_cpu_repacked, quantizer=quantizer,
-                             correction_rank=correction_rank, correction_iters=correction_iters, progress=not quiet)
+                             correction_rank=correction_rank, correction_iters=correction_iters, rom_budget=rom_budget,
+                             progress=not quiet)
     t = load_target(target)
     compiled = compile_checkpoint(model, out, adapters, t, options, force=force, progress=not quiet,
                                   calibration=calibration, calibration_shape=(512, calibration_tokens))
@@ -77,6 +78,13 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
             if q["worse_than_rtn"]:
                 said += f"; worse than RTN on {len(q['worse_than_rtn'])}: {', '.join(q['worse_than_rtn'][:3])}"
         click.echo(said + (f", {q['seconds']:.0f} s" if "seconds" in q else ""), err=True)
+    a = compiled.source.get("allocation")
+    if a is not None and not quiet:
+        chosen = ", ".join(f"{o} ×{n}" for o, n in a["options"].items())
+        click.echo(f"romac: --rom-budget: {chosen}; projections at {a['bits_per_weight']:.3f} bits/weight "
+                   f"({a['rom_bits'] / 8 / 2**20:,.1f} of {a['rom_budget_bits'] / 8 / 2**20:,.1f} MiB), corrections "
+                   f"{a['sram_bytes']:,} B of SRAM; error {a['error']:.4g} ({a['error_measure']}; uniform, uncorrected: "
+                   + ", ".join(f"{f} {e:.4g}" for f, e in a["error_if_uniform"].items()) + ")", err=True)
     notes = requantize_notes(compiled)
     if notes:  # the stored codes of a pre-quantized base that did not reach ROM as they were
         click.echo(f"romac: {len(notes)} pre-quantized tensor(s) re-quantized; an adapter trained on the stored "

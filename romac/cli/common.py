@@ -6,6 +6,7 @@ import click
 
 from romac import __version__
 from romac.errors import RomacError
+from romac.passes.options import ROM_BUDGET_FILL
 
 
 def _ids(text: str | None) -> list[int] | None:
@@ -43,8 +44,38 @@ def _bnb_options(f):
                              "default 64).")(f)
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class RomBudget(click.ParamType):
+    """``fill`` or a size in bytes with an optional unit (``1.5GiB``, ``900MB``, ``123456``)."""
+
+    name = "SIZE|fill"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == ROM_BUDGET_FILL:
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        if text == ROM_BUDGET_FILL:
+            return ROM_BUDGET_FILL
+        number = text.rstrip("kmgib")
+        unit = text[len(number):]
+        try:
+            size = float(number) * _SIZE_UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size: use e.g. 1.5GiB, 900MB, a number of bytes, or 'fill'", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r}: the budget must be positive", param, ctx)
+        return int(size)
+
+
 def _quantizer_options(f):
     """How the projections' codes are chosen (romac.quantize), shared by compile and plan."""
+    f = click.option("--rom-budget", type=RomBudget(), default=None,
+                     help="Choose each projection's format (among the target's weight_formats) and correction rank "
+                          "(up to --correction-rank) by an integer program minimising the measured error within "
+                          "this much B-ROM ('fill': the whole target) and the SRAM left beside the adapters and "
+                          "the KV cache.")(f)
     f = click.option("--correction-iters", type=click.IntRange(min=1), default=None,
                      help="Alternations of codes and correction (LoftQ-style; default 1: quantize, then correct).")(f)
     f = click.option("--correction-rank", type=click.IntRange(min=0), default=None, metavar="R",
