@@ -76,9 +76,11 @@ def plan_model(model: Model, target: Target | str | None = None,
 
 
 def plan_checkpoint(model_spec: str | None, adapters: Sequence[str] = (), target: Target | str | None = None,
-                    options: CompileOptions = CompileOptions(), lora_ranks: Sequence[int] = ()) -> tuple[Model, dict]:
+                    options: CompileOptions = CompileOptions(), lora_ranks: Sequence[int] = (),
+                    correction_rank: int = 0) -> tuple[Model, dict]:
     """Plan a checkpoint (opened lazily, never read) or a bare ``config.json`` (shapes only), with PEFT adapters
-    (``NAME=PATH``) and/or shape-only adapters of the given ranks on all seven projections."""
+    (``NAME=PATH``) and/or shape-only adapters of the given ranks on all seven projections, and the SRAM of a
+    rank-``correction_rank`` correction of every projection (what ``compile --correction-rank`` would keep)."""
     if model_spec and str(model_spec).endswith(".json") and Path(model_spec).is_file():
         model = shape_model(parse_hf_config(read_config_json(Path(model_spec)), where=str(model_spec)))
     else:
@@ -88,4 +90,11 @@ def plan_checkpoint(model_spec: str | None, adapters: Sequence[str] = (), target
     if lora_ranks:
         extra = tuple(shape_adapter(model.config, f"rank{r}", int(r)) for r in lora_ranks)
         model = dataclasses.replace(model, adapters=tuple(model.adapters) + extra)
+    if correction_rank:
+        top = min(min(model.config.projection_shape(m)) for m in PROJECTIONS)
+        if correction_rank > top:
+            raise RomacError(f"correction rank {correction_rank} exceeds the smallest projection's min(out, in) = "
+                             f"{top}", where="--correction-rank", hint=f"use a rank of at most {top}")
+        model = dataclasses.replace(model, correction=shape_adapter(model.config, "correction", correction_rank,
+                                                                    alpha=correction_rank))
     return plan_model(model, target, options)

@@ -138,3 +138,18 @@ def test_a_pre_quantized_base_keeps_its_codes_unless_told(hf_checkpoint, tmp_pat
     # told: re-quantized, and compile says that an adapter trained on the stored base may no longer fit
     res = _compile(capsys, gptq, tmp_path / "re", "--quant", "int4", "--quantizer", "mse")
     assert "may no longer fit" in res.stderr
+
+
+def test_plan_counts_the_correction_as_compile_keeps_it(hf_checkpoint, tmp_path, capsys):
+    base, _ = hf_checkpoint
+    out = tmp_path / "out"
+    _compile(capsys, base, out, "--quant", "int4", "--correction-rank", "6", "-q")
+    compiled = json.loads((out / "report.json").read_text())
+    res = run_main(capsys, "plan", base, "--quant", "int4", "--correction-rank", "6", "--json")
+    assert res.returncode == 0, res.stderr
+    planned = json.loads(res.stdout)
+    plan_report = planned.get("report", planned)
+    assert plan_report["sram"]["correction"] == compiled["sram"]["correction"]
+    assert plan_report["sram"]["longest_context"] == compiled["sram"]["longest_context"]
+    line = error_line(run_main(capsys, "plan", base, "--correction-rank", "100000"))
+    assert "--correction-rank" in line and "at most" in line

@@ -110,12 +110,14 @@ def compile(model, adapters, target, quant, quant_embedding, bnb_blocksize, doub
 @click.option("--quant", default=None, help="Format of the projection matrices.")
 @click.option("--quant-embedding", default=None, help="Format of the embedding and LM head.")
 @_bnb_options
+@click.option("--correction-rank", type=click.IntRange(min=0), default=0, metavar="R",
+              help="Count a rank-R correction of every projection in SRAM (as compile --correction-rank keeps).")
 @click.option("--max-context", type=click.IntRange(min=1), default=None, help="KV-cache length in tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (as report.json would hold it) as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Also draw bank_utilisation.png and tokens_per_s.png into DIR (needs romac[plot]).")
 def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocksize, double_quant, bnb_threads,
-         bnb_cpu_repacked, max_context, as_json, plots) -> None:
+         bnb_cpu_repacked, correction_rank, max_context, as_json, plots) -> None:
     """Capacity-plan MODEL on a target without reading or writing a weight (seconds, even for 8B).
 
     With --json, the report and the whole plan (regions and their placement, bank fill, SRAM map, program).
@@ -128,7 +130,7 @@ def plan(model, adapters, lora_ranks, target, quant, quant_embedding, bnb_blocks
     options = CompileOptions(quant=quant, quant_embedding=quant_embedding, max_context=max_context,
                              bnb_blocksize=bnb_blocksize, double_quant=double_quant, bnb_threads=bnb_threads,
                              bnb_cpu_repacked=bnb_cpu_repacked)
-    planned, report = plan_checkpoint(model, adapters, target, options, lora_ranks)
+    planned, report = plan_checkpoint(model, adapters, target, options, lora_ranks, correction_rank)
     if as_json:  # the whole plan beside the report: regions, bank fill, SRAM map, the program's listing
         p = planned.plan
         report = {**report, "plan": {
