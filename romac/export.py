@@ -2,7 +2,9 @@
 
 The weights are exactly the values the ROM decodes to: float32 for the affine and float formats (exact: an FP16
 scale times a small integer, or the float itself); a bitsandbytes 4-bit checkpoint with the same codes, absmax and
-double-quantization statistics for NF4/FP4 (what a QLoRA run loads). Beside them ``config.json``, the tokenizer
+double-quantization statistics for NF4/FP4 (what a QLoRA run loads). A projection with a low-rank correction in
+SRAM is exported as the chip computes it, ROM value plus ``L1 L2`` (float32, rounded once from the float64 sum),
+so an adapter trained on the export sees the corrected base; ``romac_base.json`` names those. Beside them ``config.json``, the tokenizer
 when the artifacts carry one, and ``romac_base.json`` with the ROM's base fingerprint, which ``romac adapter add``
 checks an adapter against. Read one region at a time; written whole or not at all.
 """
@@ -23,6 +25,7 @@ from romac.backend import atomic
 from romac.codecs import codec_for
 from romac.codecs.bnb import Bnb4bitCodec
 from romac.emulator.rom import Rom
+from romac.emulator.sram import Sram
 from romac.errors import RomacError
 from romac.frontend.safetensors_io import write_safetensors_streaming
 from romac.ir import PROJECTIONS, ModelConfig, projection_tensor, tensor_names
@@ -93,6 +96,21 @@ def _bnb_tensors(key: str, fmt: Bnb4bitFormat, q, shape: tuple[int, ...]) -> dic
     return out
 
 
+def _correction_deltas(manifest: Manifest) -> dict:
+    """Per corrected projection, a function giving its correction ``scaling · B A`` [out, in] (float64) as the
+    SRAM image holds it (decoded from its FP8/FP16 bytes)."""
+    if manifest.sram.correction is None:
+        return {}
+    slots = Sram(Path(manifest.root), manifest).correction
+    names = manifest.sram.slots
+
+    def delta(slot: int):
+        a_t, b_t, scaling = slots[slot]
+        return lambda: (a_t.astype(np.float64) @ b_t.astype(np.float64)).T * float(scaling)
+
+    return {names[slot]: delta(slot) for slot in slots}
+
+
 def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write the base of a compiled directory as a Hugging Face checkpoint in ``out``; returns ``out``."""
     manifest = open_artifacts(artifacts)
@@ -103,6 +121,7 @@ def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) 
         config["quantization_config"] = _bnb_config(bnb)
     rom = Rom(Path(manifest.root), manifest)
     rid = manifest.region_ids()
+    correction = _correction_deltas(manifest)
     shown, path = str(out), Path(os.path.abspath(out))
     atomic.check_destination(path, shown, force, BASE_FILE)
     # the layout first (shapes and dtypes are known from the plan), then each tensor decoded when written
@@ -112,6 +131,9 @@ def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) 
         region = manifest.regions[rid[name]]
         key = hf_key(name)
         if bnb is not None and region.format == bnb:
+            if name in correction:  # compile refuses this combination; a hand-edited manifest could still say it
+                raise RomacError("a 4-bit bitsandbytes matrix with a low-rank correction cannot be exported as a "
+                                 "bitsandbytes checkpoint", where=f"{artifacts}: {name}")
             n = int(np.prod(region.shape))
             groups = -(-n // bnb.blocksize)
             layout += [(key, np.dtype(np.uint8), (-(-n // 2), 1)),
@@ -139,7 +161,10 @@ def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) 
             return current.pop(key)
         name = next(n for n in tensor_names(cfg) if hf_key(n) == key)
         region = manifest.regions[rid[name]]
-        return codec_for(region.format).dequantize(rom.quantized(rid[name])).astype(np.float32).reshape(region.shape)
+        w = codec_for(region.format).dequantize(rom.quantized(rid[name])).astype(np.float32).reshape(region.shape)
+        if name in correction:  # the base the chip computes: ROM weights plus the resident correction
+            w = (w.astype(np.float64) + correction[name]()).astype(np.float32)
+        return w
 
     created: list[Path] = []
     try:
@@ -152,6 +177,7 @@ def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) 
                                                         encoding="utf-8")
         (tmp / BASE_FILE).write_text(dump_json({"base_fingerprint": manifest.base_fingerprint,
                                                 "exported_from": Path(manifest.root).name,
+                                                "correction_merged": sorted(correction),
                                                 "romac_version": __version__}), encoding="utf-8")
         atomic.install(tmp, path, shown, force, BASE_FILE)
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,35 @@ def test_adding_an_adapter_keeps_the_correction(corrected, tmp_path):
     a = Machine(copy, adapter="again").step([1, 2, 3])
     b = Machine(out, adapter=ad.name).step([1, 2, 3])
     assert np.array_equal(a, b)
+
+
+def test_export_base_includes_the_correction(corrected, tmp_path):
+    """The exported base is what the chip computes: ROM weights plus the correction decoded from SRAM."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from romac.codecs import codec_for
+    from romac.emulator.rom import Rom
+    from romac.export import export_base
+
+    model, out = corrected
+    export_base(out, tmp_path / "base")
+    weights = load_file(str(tmp_path / "base" / "model.safetensors"))
+    m = open_artifacts(out)
+    rom = Rom(Path(m.root), m)
+    ids = m.region_ids()
+    for tensor, (l2, l1) in model.correction.weights.items():
+        rom_w = codec_for(m.regions[ids[tensor]].format).dequantize(rom.quantized(ids[tensor])).astype(np.float64)
+        got = weights[f"model.{tensor}.weight"].astype(np.float64)
+        want = rom_w + l1.load().astype(np.float64) @ l2.load().astype(np.float64)
+        # the SRAM holds the factors in FP8 E4M3 (3 mantissa bits: relative rounding up to 2^-4 per factor)
+        delta = l1.load().astype(np.float64) @ l2.load().astype(np.float64)
+        assert np.abs(got - want).max() <= 0.15 * np.abs(delta).max()
+        assert np.abs(got - rom_w).max() > 0.5 * np.abs(delta).max()
+    uncorrected = [t for t in (projection_tensor(0, "v_proj"),)]
+    for tensor in uncorrected:
+        rom_w = codec_for(m.regions[ids[tensor]].format).dequantize(rom.quantized(ids[tensor]))
+        assert np.array_equal(weights[f"model.{tensor}.weight"], rom_w.astype(np.float32))
+    note = json.loads((tmp_path / "base" / "romac_base.json").read_text())
+    assert note["correction_merged"] == sorted(model.correction.weights)
