@@ -82,6 +82,28 @@ def _whitener(hessian: np.ndarray, damp: float) -> np.ndarray:
     return scipy.linalg.cholesky(h, lower=True)
 
 
+def top_singular(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` leading singular triplets ``(U [rows, k], σ [k], V^T [k, cols])`` of ``m``, largest first.
+
+    From the eigenvectors of the smaller Gram matrix (float64; LAPACK's syevr asked for the top ``k`` only): a full
+    SVD of every projection was half of a GPTQ + correction compile, and the correction needs only its leading
+    ``k`` directions. Squaring the matrix costs precision only in the small singular values, which are dropped.
+    """
+    m = np.asarray(m, np.float64)
+    rows, cols = m.shape
+    wide = rows < cols
+    g = m @ m.T if wide else m.T @ m
+    n = len(g)
+    k = min(k, n)
+    vals, vecs = scipy.linalg.eigh(g, subset_by_index=[n - k, n - 1], driver="evr")
+    vals, vecs = vals[::-1], vecs[:, ::-1]
+    sv = np.sqrt(np.clip(vals, 0.0, None))
+    inv = np.divide(1.0, sv, out=np.zeros_like(sv), where=sv > sv[0] * 1e-12 if k else None)
+    if wide:   # vecs are left singular vectors
+        return vecs, sv, (vecs.T @ m) * inv[:, None]
+    return (m @ vecs) * inv[None, :], sv, vecs.T
+
+
 def fit_lowrank(err: np.ndarray, rank: int, hessian: np.ndarray | None = None, fmt: str = "fp8_e4m3",
                 damp: float = 0.01, refine: int = 2) -> Correction:
     """Best rank-``rank`` L1 @ L2 for ``err [out, in]`` (weighted by ``hessian`` if given), rounded to ``fmt``.
@@ -106,16 +128,13 @@ def fit_lowrank_nested(err: np.ndarray, ranks, hessian: np.ndarray | None = None
     out: dict[int, Correction] = {}
     if top == 0:
         return {0: Correction(np.zeros((out_f, 0), f32), np.zeros((0, in_f), f32), fmt)}
-    # The SVD runs in float32 (half the time of float64; its rounding is far below the FP8 rounding that follows).
     if hessian is None:
-        u, sv, vt = scipy.linalg.svd(e.astype(f32), full_matrices=False, lapack_driver="gesdd")
-        u, sv, vt = u.astype(np.float64), sv.astype(np.float64), vt.astype(np.float64)
+        u, sv, vt = top_singular(e, top)
         l2_all = np.sqrt(sv[:top])[:, None] * vt[:top]
         h = None
     else:
         s = _whitener(hessian, damp)
-        u, sv, vt = scipy.linalg.svd((e @ s).astype(f32), full_matrices=False, lapack_driver="gesdd")
-        u, sv, vt = u.astype(np.float64), sv.astype(np.float64), vt.astype(np.float64)
+        u, sv, vt = top_singular(e @ s, top)
         # L2 = Σ^½ V^T S⁻¹  (solve S^T Y = (Σ^½ V^T)^T)
         l2_all = scipy.linalg.solve_triangular(s, (np.sqrt(sv[:top])[:, None] * vt[:top]).T, lower=True, trans="T").T
         h = s @ s.T
