@@ -4,7 +4,9 @@ The weights are exactly the values the ROM decodes to: float32 for the affine an
 scale times a small integer, or the float itself); a bitsandbytes 4-bit checkpoint with the same codes, absmax and
 double-quantization statistics for NF4/FP4 (what a QLoRA run loads). A projection with a low-rank correction in
 SRAM is exported as the chip computes it, ROM value plus ``L1 L2`` (float32, rounded once from the float64 sum),
-so an adapter trained on the export sees the corrected base; ``romac_base.json`` names those. Beside them ``config.json``, the tokenizer
+so an adapter trained on the export sees the corrected base; ``romac_base.json`` names those. Or the correction is
+written as a PEFT LoRA adapter beside the ROM-only weights (``--correction-as-lora``: LoftQ's form, the base's
+factors as a LoRA initialisation). Beside them ``config.json``, the tokenizer
 when the artifacts carry one, and ``romac_base.json`` with the ROM's base fingerprint, which ``romac adapter add``
 checks an adapter against. Read one region at a time; written whole or not at all.
 """
@@ -27,7 +29,7 @@ from romac.codecs.bnb import Bnb4bitCodec
 from romac.emulator.rom import Rom
 from romac.emulator.sram import Sram
 from romac.errors import RomacError
-from romac.frontend.safetensors_io import write_safetensors_streaming
+from romac.frontend.safetensors_io import write_safetensors, write_safetensors_streaming
 from romac.ir import PROJECTIONS, ModelConfig, projection_tensor, tensor_names
 from romac.spec.formats import BNB_DYNAMIC_SIGNED, BNB_NESTED_BLOCKSIZE, Bnb4bitFormat
 from romac.spec.manifest import TOKENIZER, Manifest
@@ -96,23 +98,53 @@ def _bnb_tensors(key: str, fmt: Bnb4bitFormat, q, shape: tuple[int, ...]) -> dic
     return out
 
 
-def _correction_deltas(manifest: Manifest) -> dict:
-    """Per corrected projection, a function giving its correction ``scaling · B A`` [out, in] (float64) as the
-    SRAM image holds it (decoded from its FP8/FP16 bytes)."""
+def _correction_factors(manifest: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per corrected projection its factors as the SRAM image holds them (decoded from their FP8/FP16 bytes):
+    ``(A [r, in], B [out, r])`` with the correction ``B A`` (its scaling is 1)."""
     if manifest.sram.correction is None:
         return {}
     slots = Sram(Path(manifest.root), manifest).correction
     names = manifest.sram.slots
-
-    def delta(slot: int):
-        a_t, b_t, scaling = slots[slot]
-        return lambda: (a_t.astype(np.float64) @ b_t.astype(np.float64)).T * float(scaling)
-
-    return {names[slot]: delta(slot) for slot in slots}
+    out = {}
+    for slot, (a_t, b_t, scaling) in slots.items():
+        out[names[slot]] = (np.ascontiguousarray(a_t.T), np.ascontiguousarray(b_t.T * np.float32(scaling)))
+    return out
 
 
-def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """Write the base of a compiled directory as a Hugging Face checkpoint in ``out``; returns ``out``."""
+def _write_correction_adapter(factors: dict[str, tuple[np.ndarray, np.ndarray]], base: Path, out: Path,
+                              force: bool) -> None:
+    """The correction as a PEFT LoRA adapter on the exported base (per-matrix ranks as ``rank_pattern``, scaling
+    1): loaded on the export it computes ``W x + B (A x)``, the chip's base, as the chip does (unmerged)."""
+    shown, path = str(out), Path(os.path.abspath(out))
+    atomic.check_destination(path, shown, force, "adapter_config.json")
+    modules = {f"model.{name}": int(a.shape[0]) for name, (a, _) in sorted(factors.items())}
+    top = max(modules.values())
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+              "r": top, "lora_alpha": top, "rank_pattern": modules, "alpha_pattern": modules,
+              "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+              "fan_in_fan_out": False, "init_lora_weights": True}
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.model.{name}.lora_B.weight"] = b
+    created: list[Path] = []
+    try:
+        tmp = atomic.make_temporary(path, shown, created)
+        write_safetensors(tmp / "adapter_model.safetensors", tensors)
+        (tmp / "adapter_config.json").write_text(dump_json(config), encoding="utf-8")
+        atomic.install(tmp, path, shown, force, "adapter_config.json")
+    except BaseException:
+        for t in created:
+            atomic.remove_tree(t)
+        raise
+
+
+def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False,
+                correction_as_lora: str | Path | None = None) -> Path:
+    """Write the base of a compiled directory as a Hugging Face checkpoint in ``out``; returns ``out``.
+
+    A low-rank correction in SRAM is merged into the exported weights, or, with ``correction_as_lora``, written
+    there as a PEFT LoRA adapter (the weights are then the ROM's alone)."""
     manifest = open_artifacts(artifacts)
     cfg = ModelConfig(**manifest.model)
     config = hf_config(cfg)
@@ -121,7 +153,11 @@ def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) 
         config["quantization_config"] = _bnb_config(bnb)
     rom = Rom(Path(manifest.root), manifest)
     rid = manifest.region_ids()
-    correction = _correction_deltas(manifest)
+    factors = _correction_factors(manifest)
+    if correction_as_lora is not None and not factors:
+        raise RomacError("the compile has no low-rank correction to export", where="--correction-as-lora",
+                         hint="drop the option; the ROM's weights are the whole base")
+    correction = {} if correction_as_lora is not None else factors
     shown, path = str(out), Path(os.path.abspath(out))
     atomic.check_destination(path, shown, force, BASE_FILE)
     # the layout first (shapes and dtypes are known from the plan), then each tensor decoded when written
@@ -163,7 +199,8 @@ def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) 
         region = manifest.regions[rid[name]]
         w = codec_for(region.format).dequantize(rom.quantized(rid[name])).astype(np.float32).reshape(region.shape)
         if name in correction:  # the base the chip computes: ROM weights plus the resident correction
-            w = (w.astype(np.float64) + correction[name]()).astype(np.float32)
+            a, b = correction[name]
+            w = (w.astype(np.float64) + b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
         return w
 
     created: list[Path] = []
@@ -184,4 +221,6 @@ def export_base(artifacts: str | Path, out: str | Path, *, force: bool = False) 
         for t in created:
             atomic.remove_tree(t)
         raise
+    if correction_as_lora is not None:
+        _write_correction_adapter(factors, path, Path(correction_as_lora), force)
     return Path(out)

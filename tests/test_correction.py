@@ -170,3 +170,27 @@ def test_export_base_includes_the_correction(corrected, tmp_path):
         assert np.array_equal(weights[f"model.{tensor}.weight"], rom_w.astype(np.float32))
     note = json.loads((tmp_path / "base" / "romac_base.json").read_text())
     assert note["correction_merged"] == sorted(model.correction.weights)
+
+
+@pytest.mark.parametrize("as_lora", [False, True])
+def test_exported_base_computes_what_the_chip_computes(corrected, tmp_path, as_lora):
+    """transformers (+ peft for the LoRA form) on the export gives the emulator's logits: the corrected base. Both
+    are float32 forwards with other summation orders (and the merge rounds W + BA once to float32), hence 1e-4."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from romac.export import export_base
+
+    model, out = corrected
+    lora = tmp_path / "corr-lora" if as_lora else None
+    export_base(out, tmp_path / "base", correction_as_lora=lora)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    if as_lora:
+        hf = peft.PeftModel.from_pretrained(hf, lora).eval()
+    prompt = [1, 17, 33, 60, 91]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].numpy()
+    got = Machine(out).step(prompt)
+    assert relative_error(got, ref) <= 1e-4
+    uncorrected = GoldenModel.of_artifacts(dataclasses.replace(model, correction=None), open_artifacts(out))
+    assert relative_error(uncorrected.logits(prompt), ref) > 1e-3

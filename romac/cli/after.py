@@ -67,12 +67,16 @@ def adapter_list(artifacts, as_json) -> None:
 @click.argument("artifacts")
 @click.argument("out")
 @click.option("--force", is_flag=True, help="Replace an earlier export in OUT.")
-def export_base_cmd(artifacts, out, force) -> None:
+@click.option("--correction-as-lora", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Write the SRAM correction of the base as a PEFT LoRA adapter in DIR (LoftQ's form) instead of "
+                   "merging it into the exported weights.")
+def export_base_cmd(artifacts, out, force, correction_as_lora) -> None:
     """Write the base a compiled ROM holds as a Hugging Face checkpoint in OUT, to train adapters on.
 
     Weights are exactly what the ROM decodes to (float32; NF4/FP4 as a bitsandbytes 4-bit checkpoint with the
     same codes), with config.json, the tokenizer and romac_base.json (the ROM's fingerprint, which `romac adapter
-    add` checks an adapter trained on this export against).
+    add` checks an adapter trained on this export against). A low-rank correction of the base in SRAM is
+    merged into the weights (the base the chip computes), or with --correction-as-lora written as a PEFT adapter.
     """
-    export_base(artifacts, out, force=force)
+    export_base(artifacts, out, force=force, correction_as_lora=correction_as_lora)
     click.echo(f"romac: wrote {out}/ (the base of {artifacts}); point a PEFT LoRA's base_model_name_or_path at it")
