@@ -48,12 +48,16 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from romac.artifacts import open_artifacts  # noqa: E402
+from romac.codecs import codec_for  # noqa: E402
+from romac.emulator.rom import Rom  # noqa: E402
+from romac.emulator.sram import Sram  # noqa: E402
 from romac.frontend import load_model  # noqa: E402
 from romac.ir import PROJECTIONS, projection_tensor  # noqa: E402
-from romac.quantize import MatrixSpec, dequantize, quantize_and_correct, quantize_matrix  # noqa: E402
+from romac.quantize import MatrixSpec, default_options, dequantize, quantize_and_correct, quantize_matrix  # noqa: E402
 from romac.quantize.allocate import Candidate, allocate, correction_bytes, rom_bits  # noqa: E402
 from romac.quantize.calibration import collect_hessians, peak_rss_mib, quantize_model, summarize  # noqa: E402
-from romac.quantize.correction import fit_lowrank_nested, sram_roundtrip, weighted_error  # noqa: E402
+from romac.quantize.correction import Correction, fit_lowrank_nested, sram_roundtrip, weighted_error  # noqa: E402
 from tests.fixtures import smollm2  # noqa: E402
 
 CAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -149,6 +153,22 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def compiled(out: Path, names) -> tuple[dict, dict | None, float, int]:
+    """What ``romac compile`` put on the chip: the projections as the ROM decodes them, the SRAM correction (decoded
+    from its FP8 bytes), the projections' ROM bits per weight and the correction's SRAM bytes."""
+    m = open_artifacts(out)
+    rom, ids = Rom(Path(m.root), m), m.region_ids()
+    deq = {n: codec_for(m.regions[ids[n]].format).dequantize(rom.quantized(ids[n])).astype(np.float32) for n in names}
+    bits = sum(m.regions[ids[n]].words for n in names) * m.banks.word_bytes * 8 / sum(deq[n].size for n in names)
+    if m.sram.correction is None:
+        return deq, None, bits, 0
+    corrs = {}
+    for slot, (a_t, b_t, scaling) in Sram(Path(m.root), m).correction.items():
+        l2, l1 = np.ascontiguousarray(a_t.T), np.ascontiguousarray(b_t.T * np.float32(scaling))
+        corrs[m.sram.slots[slot]] = Correction(l1, l2, m.sram.lora_format)
+    return deq, corrs, bits, m.sram.correction.bytes
+
+
 def rom_bits_per_weight(shapes: dict, bits: int, group: int) -> float:
     return sum(rom_bits(s, bits, group) for s in shapes.values()) / sum(s[0] * s[1] for s in shapes.values())
 
@@ -213,6 +233,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument("--llmcompressor", action="store_true", help="also run llm-compressor GPTQ (g64, g192)")
+    ap.add_argument("--compiled", action="append", default=[], metavar="LABEL=DIR",
+                    help="also evaluate what a `romac compile` of the FP32 SmolLM2 checkpoint put in ROM and SRAM")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -251,7 +273,7 @@ def main() -> None:
     for bits in bits_list:
         for qz in quantizers:
             c0 = time.process_time()
-            opts = {"act_order": True} if qz == "gptq" and bits == 2 else {}
+            opts = default_options(qz, bits)
             deq = {n: dequantize(quantize_matrix(qz, fp[n], bits, 128, hessian=hess[n] if qz in ("gptq", "mse") else None,
                                                  **opts), 128) for n in ev.proj}
             q_cpu = time.process_time() - c0
@@ -290,7 +312,7 @@ def main() -> None:
     for bits, r, iters in seq_rows:
         c0 = time.process_time()
         # act-order (static groups) measured better at INT2 and neutral-to-worse at INT4 (held-out ppl)
-        spec = MatrixSpec("gptq", bits, 128, r, iters if r else 1, {"act_order": bits == 2})
+        spec = MatrixSpec("gptq", bits, 128, r, iters if r else 1, default_options("gptq", bits))
         res = list(quantize_model(ir, cal, spec, quantize_and_correct, fp_target=True, progress=True))
         q_cpu = time.process_time() - c0
         deq = {x.name: dequantize(x.qt, 128) for x in res}
@@ -305,6 +327,19 @@ def main() -> None:
               f"worse than RTN: {rep['worse_than_rtn'] or 'none'}; peak RSS {peak_rss_mib():.0f} MiB", flush=True)
         if bits == 2 and (best_int2 is None or m["top1"] > best_int2[0]):
             best_int2 = (m["top1"], deq, corrs, label + f", INT2 g128")
+
+    # --- what romac compile wrote (the CLI path, read back from the artifacts)
+    for spec in args.compiled:
+        label, _, out = spec.partition("=")
+        for _ in range(360):  # a compile started beside this run may still be writing (it appears whole)
+            if (Path(out) / "manifest.json").exists():
+                break
+            time.sleep(10)
+        deq, corrs, bpw, corr_bytes = compiled(Path(out), ev.proj)
+        bits = int(round(bpw)) if bpw < 6 else 8
+        m = ev.metrics(deq, corrs)
+        table.add(group="compiled", label=f"romac compile: {label}", bits=bits, rank=max(
+            (c.rank for c in (corrs or {}).values()), default=0), bpw=bpw, sram=corr_bytes, cpu_s=0, **m)
 
     # --- anchors
     if not args.no_anchors:

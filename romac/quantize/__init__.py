@@ -30,7 +30,7 @@ from romac.quantize.hqq import quantize_hqq
 from romac.quantize.mse import quantize_mse
 from romac.quantize.rtn import quantize_rtn
 
-__all__ = ["QUANTIZERS", "DATA_AWARE", "quantize_matrix", "fit_correction", "quantize_and_correct",
+__all__ = ["QUANTIZERS", "DATA_AWARE", "default_options", "quantize_matrix", "fit_correction", "quantize_and_correct",
            "Correction", "MatrixSpec", "dequantize"]
 
 
@@ -46,6 +46,13 @@ QUANTIZERS: dict[str, Callable[..., QuantTensor]] = {
     "gptq": lambda w, bits, group_size, hessian=None, **o: quantize_gptq(w, bits, group_size, hessian, **o),
 }
 DATA_AWARE = frozenset({"gptq"})      # need the layer's calibration Hessian
+
+
+def default_options(name: str, bits: int) -> dict[str, Any]:
+    """The options a compile runs a quantizer with. GPTQ visits columns in act order (static groups, so ROM groups
+    stay contiguous) at 2 bits, where it measured better on held-out text, and in order otherwise, where act order
+    was neutral to worse (docs/accuracy.md; benchmarks/quant_accuracy.py uses the same rule)."""
+    return {"act_order": True} if name == "gptq" and bits == 2 else {}
 
 
 def _check(name: str, bits: int, group_size: int, hessian: np.ndarray | None) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from romac.errors import RomacError
 from romac.ir import Model
-from romac.quantize import quantize_matrix
+from romac.quantize import default_options, quantize_matrix
 from romac.quantize.allocate import Allocation, Candidate, allocate, correction_bytes
 from romac.quantize.calibration import collect_hessians
 from romac.quantize.correction import fit_lowrank_nested, weighted_error
@@ -98,7 +98,7 @@ def measure_candidates(model: Model, names: Sequence[str], req: BudgetRequest, g
         shape = (int(w.shape[0]), int(w.shape[1]))
         ranks = offered_ranks(req.max_rank, shape)
         for fmt in req.formats:
-            qt = quantize_matrix(req.method, w, fmt.code_bits, fmt.group_size, h)
+            qt = quantize_matrix(req.method, w, fmt.code_bits, fmt.group_size, h, **default_options(req.method, fmt.code_bits))
             err = w.astype(np.float64) - dequantize(qt, fmt.group_size)
             corrections = fit_lowrank_nested(err, ranks, h, req.lora_format) if len(ranks) > 1 else {}
             for r in ranks:

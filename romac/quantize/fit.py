@@ -19,7 +19,7 @@ import numpy as np
 
 from romac.errors import RomacError
 from romac.ir import Model
-from romac.quantize import DATA_AWARE, QUANTIZERS, MatrixSpec, quantize_and_correct
+from romac.quantize import DATA_AWARE, QUANTIZERS, MatrixSpec, default_options, quantize_and_correct
 from romac.quantize.calibration import quantize_model, summarize
 from romac.quantize.correction import check_rank
 from romac.quantize.store import CodeStore, correction_adapter
@@ -63,7 +63,8 @@ def fit_model(model: Model, formats: Mapping[str, AffineFormat], req: FitRequest
 
     def spec_of(name: str) -> MatrixSpec:
         fmt = formats[name]
-        return MatrixSpec(req.method, fmt.code_bits, fmt.group_size, rank_of.get(name, 0), req.iters)
+        return MatrixSpec(req.method, fmt.code_bits, fmt.group_size, rank_of.get(name, 0), req.iters,
+                          default_options(req.method, fmt.code_bits))
 
     def quantize_one(w: np.ndarray, spec: MatrixSpec, hessian: np.ndarray | None):
         return quantize_and_correct(w, spec, hessian, req.lora_format)
