@@ -338,6 +338,9 @@ def main() -> None:
             if (Path(out) / "manifest.json").exists():
                 break
             time.sleep(10)
+        else:
+            print(f"  (skipped {label}: no compiled directory at {out})", flush=True)
+            continue
         deq, corrs, bpw, corr_bytes = compiled(Path(out), ev.proj)
         bits = int(round(bpw)) if bpw < 6 else 8
         m = ev.metrics(deq, corrs)
