@@ -224,6 +224,9 @@ def main() -> None:
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--quantizers", default="rtn,mse,hqq,gptq")
     ap.add_argument("--skip", default="", help="BITS:QUANTIZER pairs left out of the one-shot sweep, e.g. 2:mse,2:hqq")
+    ap.add_argument("--sweep", default="", metavar="BITS:QUANTIZER:RANKS;...",
+                    help="the one-shot sweep as a list, in this order, each with its own ranks (overrides --bits, "
+                         "--quantizers, --ranks, --skip), e.g. '4:gptq:0,8,16;2:rtn:0'")
     ap.add_argument("--ranks", default="0,8,16,32,48,64")
     ap.add_argument("--ilp-rank", type=int, default=48,
                     help="INT2 GPTQ one-shot row with ranks allocated per matrix by the ILP under the SRAM of this uniform rank (0: none)")
@@ -271,10 +274,13 @@ def main() -> None:
     hess = dict(collect_hessians(ir, cal, progress=False))
     print(f"  Hessians of {len(hess)} projections: {time.process_time() - c0:.0f} CPU s", flush=True)
     best_int2 = None
-    for bits in bits_list:
-        for qz in quantizers:
-            if f"{bits}:{qz}" in args.skip.split(","):
-                continue
+    if args.sweep:
+        sweep = [(int(b), q, sorted({int(r) for r in rs.split(",")})) for b, q, rs in
+                 (item.split(":") for item in args.sweep.split(";") if item)]
+    else:
+        sweep = [(b, q, ranks) for b in bits_list for q in quantizers if f"{b}:{q}" not in args.skip.split(",")]
+    for bits, qz, ranks in sweep:
+        if True:
             c0 = time.process_time()
             opts = default_options(qz, bits)
             deq = {n: dequantize(quantize_matrix(qz, fp[n], bits, 128, hessian=hess[n] if qz in ("gptq", "mse") else None,
