@@ -148,6 +148,9 @@ class WeightHandle(Protocol):
         """Rows [start, stop) as float32, reading only those where the source allows."""
         ...
 
+    # Optional (the emitter asks with getattr): ``load_rows_stored(start, stop)``, the same rows in the source's
+    # own float dtype (float16, ml_dtypes.bfloat16, float32), whose float32 values are exactly ``load_rows``'.
+
     def load_quantized(self) -> Any:
         """The stored codes as a ``romac.codecs.QuantTensor`` (only when ``codec_spec`` is not None)."""
         ...
@@ -176,6 +179,7 @@ class LazyWeight(_FloatSource):
     loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
     source: str = ""
     row_loader: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    stored_row_loader: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> np.ndarray:
         return self.loader()
@@ -185,6 +189,13 @@ class LazyWeight(_FloatSource):
         if self.row_loader is not None:
             return self.row_loader(start, stop)
         return self.loader()[start:stop]
+
+    def load_rows_stored(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) in the source's own float dtype (fp16, bf16 ...), which ``load_rows`` widens
+        exactly to float32; ``load_rows`` itself where the source has no such reader."""
+        if self.stored_row_loader is not None:
+            return self.stored_row_loader(start, stop)
+        return self.load_rows(start, stop)
 
 
 @dataclass(frozen=True)
