@@ -10,8 +10,8 @@ Why the results are identical:
 - float32 -> float16 is numpy's own bit-level algorithm (``npy_floatbits_to_halfbits``, round to nearest even);
   float16 -> float32 is exact; both work on bit patterns and never compute with a subnormal, so an FTZ/DAZ mode
   cannot change them;
-- a group's min and max are taken on order-preserving integer keys of the float bits (which vectorise, unlike
-  float compares): the same values, except that the sign of a zero may differ, which changes no code or scale.
+- a group's min and max are taken on order-preserving integer keys of the float bits: the same values, except
+  that the sign of a zero may differ, which changes no code or scale.
 Kernels release the GIL (``nogil``): the emitter runs them on row chunks in threads, one per core. They report a
 problem (a non-finite weight, a scale beyond FP16) by a status and leave the message to the numpy path, which the
 caller re-runs: error texts have one definition too.
@@ -33,6 +33,7 @@ _F16_ONE = 0x3C00  # 1.0: the scale of a group whose range is empty (hi == lo)
 _F16_TINY = 0x0001  # 2**-24, the smallest subnormal: the scale of a nonzero range that rounds to 0
 _MAGIC = np.uint32(113 << 23).view(np.float32)  # 2**-14: subtracting it turns a biased fp16 subnormal into its value
 _U = np.uint32
+_I = np.uint64  # an index numba knows to be non-negative
 
 
 @njit(**_JIT)
@@ -95,93 +96,83 @@ def widen_row(src: np.ndarray, kind: int, dst: np.ndarray) -> bool:
 
 
 @njit(**_JIT)
-def group_range(keys: np.ndarray, j0: int, n: int) -> tuple:
-    """(min(0, min g), max(0, max g)) of the floats whose int32 bits are ``keys[j0:j0+n]``.
+def quantize_row(row: np.ndarray, group: int, qmax: np.float32, q: np.ndarray, scale_bits: np.ndarray,
+                 zeros: np.ndarray) -> int:
+    """One row as AffineCodec quantizes it: codes into ``q``, each group's scale bits and zero; returns a status.
 
-    ``s ^ ((s >> 31) & 0x7fffffff)`` orders float bit patterns as integers (finite values; -0 just below +0).
+    Indices are unsigned (``_I``) so that numba adds no negative-index wraparound, which would stop the loops
+    from vectorising. A group's min and max are taken on the float bits as integers, ``s ^ ((s >> 31) &
+    0x7fffffff)`` ordering them as the floats are ordered (finite values; -0 just below +0), as integer min/max
+    vectorise and float compares do not.
     """
-    g = keys[j0:j0 + n]  # indexed by a range: no negative-index check, so the loop vectorises
-    lo = np.int32(0)
-    hi = np.int32(0)
-    for k in range(n):
-        s = g[k]
-        key = s ^ ((s >> 31) & np.int32(0x7FFFFFFF))
-        lo = key if key < lo else lo
-        hi = key if key > hi else hi
-    lo = np.int32(lo ^ ((lo >> 31) & np.int32(0x7FFFFFFF)))
-    hi = np.int32(hi ^ ((hi >> 31) & np.int32(0x7FFFFFFF)))
-    return np.int32(lo).view(np.float32), np.int32(hi).view(np.float32)
-
-
-@njit(**_JIT)
-def quantize_group(row: np.ndarray, keys: np.ndarray, j0: int, n: int, qmax: np.float32, q: np.ndarray) -> tuple:
-    """Codes of ``row[j0:j0+n]`` into ``q[:n]``; returns (scale bits, zero, status) as AffineCodec computes them."""
-    lo, hi = group_range(keys, j0, n)
-    if hi == lo:
-        h = _F16_ONE
-    else:
-        h = f32_to_f16_bits((hi - lo) / qmax)
-        if (h & 0x7FFF) == 0:
-            h = _F16_TINY
-        elif (h & 0x7C00) == 0x7C00:
-            return h, 0, SCALE_RANGE
-    s = f16_bits_to_f32(h)
-    z = min(max(np.rint(-lo / s), np.float32(0.0)), qmax)
-    g = row[j0:j0 + n]
-    for k in range(n):  # selects and an int32 step: these vectorise (min/max and float -> uint8 do not)
-        t = np.rint(g[k] / s) + z
-        t = t if t > np.float32(0.0) else np.float32(0.0)
-        t = t if t < qmax else qmax
-        q[k] = np.uint8(np.int32(t))
-    return h, np.int64(z), OK
+    keys = row.view(np.int32)
+    cols = row.size
+    for gi in range((cols + group - 1) // group):
+        j0 = gi * group
+        n = min(group, cols - j0)
+        lo = np.int32(0)  # lo = min(0, min g), hi = max(0, max g)
+        hi = np.int32(0)
+        for k in range(n):
+            b = keys[_I(j0 + k)]
+            key = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+            lo = key if key < lo else lo
+            hi = key if key > hi else hi
+        lof = np.int32(lo ^ ((lo >> 31) & np.int32(0x7FFFFFFF))).view(np.float32)
+        hif = np.int32(hi ^ ((hi >> 31) & np.int32(0x7FFFFFFF))).view(np.float32)
+        if hif == lof:
+            h = _F16_ONE
+        else:
+            h = f32_to_f16_bits((hif - lof) / qmax)
+            if (h & 0x7FFF) == 0:
+                h = _F16_TINY
+            elif (h & 0x7C00) == 0x7C00:
+                return SCALE_RANGE
+        s = f16_bits_to_f32(h)
+        z = min(max(np.rint(-lof / s), np.float32(0.0)), qmax)
+        for k in range(n):  # selects and an int32 step, which vectorise (min/max and float -> uint8 do not)
+            t = np.rint(row[_I(j0 + k)] / s) + z
+            t = t if t > np.float32(0.0) else np.float32(0.0)
+            t = t if t < qmax else qmax
+            q[_I(j0 + k)] = np.uint8(np.int32(t))
+        scale_bits[gi] = h
+        zeros[gi] = np.uint8(np.int32(z))
+    return OK
 
 
 @njit(**_JIT)
 def quantize_rows(x: np.ndarray, kind: int, group: int, qmax: np.float32, codes: np.ndarray,
                   scale_bits: np.ndarray, zeros: np.ndarray) -> int:
     """AffineCodec.quantize of ``x`` (bits of ``kind``) into codes [rows, cols], scale bits and zeros [rows, groups]."""
-    rows, cols = x.shape
-    row = np.empty(cols, np.float32)
-    keys = row.view(np.int32)
-    q = np.empty(group, np.uint8)
-    for r in range(rows):
+    row = np.empty(x.shape[1], np.float32)
+    for r in range(x.shape[0]):
         if not widen_row(x[r], kind, row):
             return NOT_FINITE
-        for gi in range((cols + group - 1) // group):
-            j0 = gi * group
-            n = min(group, cols - j0)
-            h, z, status = quantize_group(row, keys, j0, n, qmax, q)
-            if status != OK:
-                return status
-            codes[r, j0:j0 + n] = q[:n]
-            scale_bits[r, gi] = h
-            zeros[r, gi] = z
+        status = quantize_row(row, group, qmax, codes[r], scale_bits[r], zeros[r])
+        if status != OK:
+            return status
     return OK
 
 
 @njit(**_JIT)
-def put_bits(out: np.ndarray, base: int, p: int, q: np.ndarray, n: int, bits: int) -> None:
-    """Pack ``q[:n]`` as elements ``p ..`` of the row at ``out[base:]`` (first element in the high bits, as
-    :func:`romac.codecs.bits.pack_codes`); ``out`` starts zeroed, so the bits of shared bytes are or-ed in."""
+def put_bits(q: np.ndarray, c0: int, n: int, bits: int, out: np.ndarray, base: int) -> None:
+    """Pack ``q[c0:c0+n]`` into the row at ``out[base:]``, first element in the high bits (as
+    :func:`romac.codecs.bits.pack_codes`); ``out`` starts zeroed, so a last partial byte is or-ed in."""
     if bits == 8:
-        out[base + p:base + p + n] = q[:n]
+        for k in range(n):
+            out[_I(base + k)] = q[_I(c0 + k)]
         return
     per = 8 // bits
-    k = 0
-    while k < n and ((p + k) * bits) & 7:  # up to the next whole byte
-        out[base + (((p + k) * bits) >> 3)] |= q[k] << (8 - bits - (((p + k) * bits) & 7))
-        k += 1
-    b0 = base + (((p + k) * bits) >> 3)
-    whole = (n - k) // per
-    o, c = out[b0:b0 + whole], q[k:k + whole * per]  # range-indexed views (see group_range)
+    whole = n // per
     if bits == 2:
         for m in range(whole):
-            o[m] = (c[4 * m] << 6) | (c[4 * m + 1] << 4) | (c[4 * m + 2] << 2) | c[4 * m + 3]
+            e = _I(c0 + 4 * m)
+            out[_I(base + m)] = (q[e] << 6) | (q[e + _I(1)] << 4) | (q[e + _I(2)] << 2) | q[e + _I(3)]
     else:
         for m in range(whole):
-            o[m] = (c[2 * m] << 4) | c[2 * m + 1]
-    for k in range(k + whole * per, n):
-        out[base + (((p + k) * bits) >> 3)] |= q[k] << (8 - bits - (((p + k) * bits) & 7))
+            e = _I(c0 + 2 * m)
+            out[_I(base + m)] = (q[e] << 4) | q[e + _I(1)]
+    for k in range(whole * per, n):
+        out[_I(base + ((k * bits) >> 3))] |= q[_I(c0 + k)] << (8 - bits - ((k * bits) & 7))
 
 
 @njit(**_JIT)
@@ -191,30 +182,28 @@ def quantize_pack(x: np.ndarray, kind: int, group: int, qmax: np.float32, code_b
 
     ``places[i, j]`` describes the tile in tile-row i, tile-column j: (code offset, code row stride, scale offset,
     scale row stride, zero offset, zero row stride), in bytes of ``out`` (:mod:`romac.codecs.affine_tiles`
-    computes them from the layout); scales are stored as two little-endian bytes.
+    computes them from the layout); a tile starts on a group boundary; scales are two little-endian bytes.
     """
     rows, cols = x.shape
-    row = np.empty(cols, np.float32)
-    keys = row.view(np.int32)
-    q = np.empty(group, np.uint8)
-    z1 = np.empty(1, np.uint8)
+    ng = (cols + group - 1) // group
+    row, q = np.empty(cols, np.float32), np.empty(cols, np.uint8)
+    scale_bits, zeros = np.empty(ng, np.int64), np.empty(ng, np.uint8)
+    gpt = tile_cols // group
     for r in range(rows):
         if not widen_row(x[r], kind, row):
             return NOT_FINITE
+        status = quantize_row(row, group, qmax, q, scale_bits, zeros)
+        if status != OK:
+            return status
         i, rr = r // tile_rows, r % tile_rows
-        for gi in range((cols + group - 1) // group):
-            j0 = gi * group
-            n = min(group, cols - j0)
-            h, z, status = quantize_group(row, keys, j0, n, qmax, q)
-            if status != OK:
-                return status
-            j = j0 // tile_cols
-            p = j0 - j * tile_cols  # the group's first column within its tile
-            t = places[i, j]
-            put_bits(out, t[0] + rr * t[1], p, q, n, code_bits)
-            s = t[2] + rr * t[3] + 2 * (p // group)
-            out[s] = h & 0xFF
-            out[s + 1] = h >> 8
-            z1[0] = z
-            put_bits(out, t[4] + rr * t[5], p // group, z1, 1, zero_bits)
+        for j in range((cols + tile_cols - 1) // tile_cols):  # the row's stretch of each tile
+            n = min(tile_cols, cols - j * tile_cols)
+            ngt = (n + group - 1) // group
+            put_bits(q, j * tile_cols, n, code_bits, out, places[i, j, 0] + rr * places[i, j, 1])
+            base = places[i, j, 2] + rr * places[i, j, 3]
+            for m in range(ngt):
+                h = scale_bits[_I(j * gpt + m)]
+                out[_I(base + 2 * m)] = h & 0xFF
+                out[_I(base + 2 * m + 1)] = h >> 8
+            put_bits(zeros, j * gpt, ngt, zero_bits, out, places[i, j, 4] + rr * places[i, j, 5])
     return OK
