@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +47,7 @@ def _progress(total: int, enabled: bool):
 
 
 Writes = list  # [Runs], what one job hands to the writer
+_scratch = threading.local()  # each worker's read buffer: its rows are quantized before it reads again
 
 
 def _region_jobs(model: Model, target: Target, region: Region, constants_region: Region | None):
@@ -63,7 +65,16 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
     passthrough = stores_codes_of(handle, fmt.spec())  # a pre-quantized weight in its own format: codes untouched
     # the affine formats quantize and pack natively from the rows as stored (fp16 is half the bytes of float32)
     native = not passthrough and affine_tiles.applies(fmt, grid)
-    load_stored = getattr(handle, "load_rows_stored", handle.load_rows)
+    stored = getattr(handle, "load_rows_stored", None)
+
+    def load_stored(r0: int, r1: int) -> np.ndarray:
+        if stored is None:
+            return handle.load_rows(r0, r1)
+        need = 4 * (r1 - r0) * grid.cols  # room for float32 rows; a wider source reads into a buffer of its own
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.size < need:
+            buf = _scratch.buf = np.empty(need, np.uint8)
+        return stored(r0, r1, buf)
 
     def quantize(w: np.ndarray):
         try:
