@@ -70,7 +70,7 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
     def load_stored(r0: int, r1: int) -> np.ndarray:
         if stored is None:
             return handle.load_rows(r0, r1)
-        need = 4 * (r1 - r0) * grid.cols  # room for float32 rows; a wider source reads into a buffer of its own
+        need = 4 * (r1 - r0) * grid.cols + (16 << 10)  # float32 rows and page alignment; wider ones read elsewhere
         buf = getattr(_scratch, "buf", None)
         if buf is None or buf.size < need:
             buf = _scratch.buf = np.empty(need, np.uint8)

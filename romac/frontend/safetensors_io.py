@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from romac.errors import RomacError
+from romac.frontend.rawio import read_range, scratch_bytes
 
 __all__ = [
     "DTYPES",
@@ -243,18 +244,19 @@ class SafetensorsFile:
         return np.asarray(buf).view(dt).reshape(t.shape)
 
     def _read_rows(self, t: "TensorInfo", rows: slice, into: np.ndarray | None = None) -> np.ndarray:
-        """Rows of a tensor read with one pread (not mapped: streamed reads must not pile up in RSS), into the
-        uint8 buffer ``into`` if it is big enough (then the result is a view of it)."""
+        """Rows of a tensor read with one pread (not mapped: streamed reads must not pile up in RSS); into the
+        uint8 buffer ``into`` if it is big enough (:func:`romac.frontend.rawio.scratch_bytes`), then the result is
+        a view of it and uncached bytes come straight from the disk (:mod:`romac.frontend.rawio`)."""
         dt = np.dtype(DTYPES[t.dtype])
         start, stop, _ = rows.indices(t.shape[0] if t.shape else 1)
         row_bytes = (t.nbytes // t.shape[0]) if t.shape and t.shape[0] else 0
         count = max(0, stop - start) * row_bytes
-        with open(self.path, "rb") as f:
-            if into is not None and into.size >= count:  # no new buffer: a fresh 8 MB one costs more than the copy
-                data, got = into[:count], os.preadv(f.fileno(), [into[:count]], t.start + start * row_bytes)
-            else:
+        if into is not None and into.size >= scratch_bytes(count):  # streamed: cache or disk, into a reused buffer
+            data, got = read_range(self.path, t.start + start * row_bytes, count, into)
+        else:
+            with open(self.path, "rb") as f:
                 data = os.pread(f.fileno(), count, t.start + start * row_bytes)
-                got = len(data)
+            got = len(data)
         if got != count:
             raise RomacError(f"tensor {t.name!r} is truncated", where=self._where)
         return np.frombuffer(data, dtype=dt).reshape((max(0, stop - start),) + tuple(t.shape[1:]))
