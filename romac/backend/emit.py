@@ -38,7 +38,7 @@ from romac.spec.manifest import (MANIFEST, PROGRAM_ASM, PROGRAM_BIN, RAW_FORMAT,
 from romac.spec.plan import VECTOR, Region
 from romac.targets import Target
 
-CHUNK_BYTES = 16 << 20  # float32 input per quantization job: bounds peak memory on big matrices
+CHUNK_BYTES = 16 << 20  # float32 input per quantization job (16-bit on the native path): bounds peak memory
 WORKERS = min(4, os.cpu_count() or 1)  # quantization jobs in flight (numpy releases the GIL)
 
 
@@ -70,7 +70,7 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
     def load_stored(r0: int, r1: int) -> np.ndarray:
         if stored is None:
             return handle.load_rows(r0, r1)
-        need = 4 * (r1 - r0) * grid.cols + (16 << 10)  # float32 rows and page alignment; wider ones read elsewhere
+        need = 2 * (r1 - r0) * grid.cols + (16 << 10)  # 16-bit rows and page alignment; wider ones read elsewhere
         buf = getattr(_scratch, "buf", None)
         if buf is None or buf.size < need:
             buf = _scratch.buf = np.empty(need, np.uint8)
@@ -138,7 +138,8 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
     if region.kind == VECTOR or constants_region is not None or passthrough:
         yield whole
         return
-    rows_per_chunk = max(1, CHUNK_BYTES // (4 * grid.cols) // grid.tile_rows) * grid.tile_rows
+    # CHUNK_BYTES of float32; the native path never widens its rows, so it takes as many rows as 16-bit values
+    rows_per_chunk = max(1, CHUNK_BYTES // ((2 if native else 4) * grid.cols) // grid.tile_rows) * grid.tile_rows
     for r0 in range(0, grid.rows, rows_per_chunk):
         yield chunk(r0, min(grid.rows, r0 + rows_per_chunk))
 
