@@ -75,45 +75,55 @@ def f16_bits_to_f32(h) -> np.float32:
 
 
 @njit(**_JIT)
-def widen_row(src: np.ndarray, kind: int, dst: np.ndarray) -> bool:
-    """One row's stored bits (``kind``) -> float32 ``dst``; False if any value is inf or nan."""
+def widen(src: np.ndarray, j0: int, n: int, kind: int, dst: np.ndarray) -> bool:
+    """Stored bits ``src[j0:j0+n]`` (``kind``) -> float32 ``dst[:n]``; False if any value is inf or nan."""
     bad = False
     if kind == KIND_F32:
-        for c in range(src.size):
-            u = _U(src[c])
+        for k in range(n):
+            u = _U(src[_I(j0 + k)])
             bad |= (u & _U(0x7F800000)) == _U(0x7F800000)
-            dst[c] = np.uint32(u).view(np.float32)
+            dst[k] = np.uint32(u).view(np.float32)
     elif kind == KIND_BF16:
-        for c in range(src.size):
-            u = _U(src[c])
+        for k in range(n):
+            u = _U(src[_I(j0 + k)])
             bad |= (u & _U(0x7F80)) == _U(0x7F80)
-            dst[c] = np.uint32(u << _U(16)).view(np.float32)
+            dst[k] = np.uint32(u << _U(16)).view(np.float32)
     else:
-        for c in range(src.size):
-            bad |= (_U(src[c]) & _U(0x7C00)) == _U(0x7C00)
-            dst[c] = f16_bits_to_f32(src[c])
+        for k in range(n):
+            h = src[_I(j0 + k)]
+            bad |= (_U(h) & _U(0x7C00)) == _U(0x7C00)
+            dst[k] = f16_bits_to_f32(h)
     return not bad
 
 
 @njit(**_JIT)
-def quantize_row(row: np.ndarray, group: int, qmax: np.float32, q: np.ndarray, scale_bits: np.ndarray,
-                 zeros: np.ndarray) -> int:
-    """One row as AffineCodec quantizes it: codes into ``q``, each group's scale bits and zero; returns a status.
+def widen_row(src: np.ndarray, kind: int, dst: np.ndarray) -> bool:
+    """A whole row's stored bits -> float32 ``dst``; False if any value is inf or nan."""
+    return widen(src, 0, src.size, kind, dst)
+
+
+@njit(**_JIT)
+def quantize_row(src: np.ndarray, kind: int, group: int, qmax: np.float32, q: np.ndarray, scale_bits: np.ndarray,
+                 zeros: np.ndarray, g: np.ndarray) -> int:
+    """One row (stored bits of ``kind``) as AffineCodec quantizes it: codes into ``q``, each group's scale bits and
+    zero; returns a status. ``g`` (float32, a group long) holds the group being quantized, which stays in L1.
 
     Indices are unsigned (``_I``) so that numba adds no negative-index wraparound, which would stop the loops
     from vectorising. A group's min and max are taken on the float bits as integers, ``s ^ ((s >> 31) &
     0x7fffffff)`` ordering them as the floats are ordered (finite values; -0 just below +0), as integer min/max
     vectorise and float compares do not.
     """
-    keys = row.view(np.int32)
-    cols = row.size
+    keys = g.view(np.int32)
+    cols = src.size
     for gi in range((cols + group - 1) // group):
         j0 = gi * group
         n = min(group, cols - j0)
+        if not widen(src, j0, n, kind, g):
+            return NOT_FINITE
         lo = np.int32(0)  # lo = min(0, min g), hi = max(0, max g)
         hi = np.int32(0)
         for k in range(n):
-            b = keys[_I(j0 + k)]
+            b = keys[k]
             key = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
             lo = key if key < lo else lo
             hi = key if key > hi else hi
@@ -130,7 +140,7 @@ def quantize_row(row: np.ndarray, group: int, qmax: np.float32, q: np.ndarray, s
         s = f16_bits_to_f32(h)
         z = min(max(np.rint(-lof / s), np.float32(0.0)), qmax)
         for k in range(n):  # selects and an int32 step, which vectorise (min/max and float -> uint8 do not)
-            t = np.rint(row[_I(j0 + k)] / s) + z
+            t = np.rint(g[k] / s) + z
             t = t if t > np.float32(0.0) else np.float32(0.0)
             t = t if t < qmax else qmax
             q[_I(j0 + k)] = np.uint8(np.int32(t))
@@ -143,11 +153,9 @@ def quantize_row(row: np.ndarray, group: int, qmax: np.float32, q: np.ndarray, s
 def quantize_rows(x: np.ndarray, kind: int, group: int, qmax: np.float32, codes: np.ndarray,
                   scale_bits: np.ndarray, zeros: np.ndarray) -> int:
     """AffineCodec.quantize of ``x`` (bits of ``kind``) into codes [rows, cols], scale bits and zeros [rows, groups]."""
-    row = np.empty(x.shape[1], np.float32)
+    g = np.empty(group, np.float32)
     for r in range(x.shape[0]):
-        if not widen_row(x[r], kind, row):
-            return NOT_FINITE
-        status = quantize_row(row, group, qmax, codes[r], scale_bits[r], zeros[r])
+        status = quantize_row(x[r], kind, group, qmax, codes[r], scale_bits[r], zeros[r], g)
         if status != OK:
             return status
     return OK
@@ -186,13 +194,11 @@ def quantize_pack(x: np.ndarray, kind: int, group: int, qmax: np.float32, code_b
     """
     rows, cols = x.shape
     ng = (cols + group - 1) // group
-    row, q = np.empty(cols, np.float32), np.empty(cols, np.uint8)
+    g, q = np.empty(group, np.float32), np.empty(cols, np.uint8)
     scale_bits, zeros = np.empty(ng, np.int64), np.empty(ng, np.uint8)
     gpt = tile_cols // group
     for r in range(rows):
-        if not widen_row(x[r], kind, row):
-            return NOT_FINITE
-        status = quantize_row(row, group, qmax, q, scale_bits, zeros)
+        status = quantize_row(x[r], kind, group, qmax, q, scale_bits, zeros, g)
         if status != OK:
             return status
         i, rr = r // tile_rows, r % tile_rows
