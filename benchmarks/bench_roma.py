@@ -1,21 +1,32 @@
 """The ROMA reference workloads, compiled for real: Llama-3.2-3B shapes onto roma-3b-w4, Llama-3-8B onto roma-8b-w2.
 
     python benchmarks/bench_roma.py [--work /tmp/romac-bench] [--model llama-3.2-3b] [--model llama-3-8b] [--keep]
+    python benchmarks/bench_roma.py --work /work/bench --model llama-3-8b --repeat 3 \
+        --python before=/tmp/venv-before/bin/python --python after=python
 
 Writes each synthetic checkpoint once (sharded fp16 safetensors as transformers writes them, plus a rank-16
 PEFT adapter on all seven projections; 6.4 GB and 16 GB) into --work and reuses it on later runs; then runs
-``romac compile`` under ``/usr/bin/time -v`` and prints wall time, Mparam/s, peak RSS (the 8B must stay within
-2 GiB), what the chip holds, and the performance model's prediction read back from the artifact directory.
-The artifact directories are deleted afterwards unless --keep.
+``romac compile`` under ``/usr/bin/time -v`` and prints wall time, Mparam/s, CPU seconds (user + sys), peak RSS
+(the 8B must stay under 1 GiB), what the chip holds, and the performance model's prediction read back from the
+artifact directory. The artifact directories are deleted afterwards unless --keep.
+
+A/B: each ``--python LABEL=COMMAND`` is an interpreter with its own romac installed (e.g. a venv of an older
+commit), or a command that ends in one (``"numpy=env ROMAC_NATIVE=0 python"``); with ``--repeat N`` the labels
+take turns N times (so that the machine's load hits them alike), every row is printed, then the median per
+label, and the sha256 of every file of every run's artifact directory is compared: the benchmark fails if two
+runs of a workload wrote different bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +37,7 @@ sys.path.insert(0, str(HERE))
 from synthetic import config_for, write_adapter, write_checkpoint  # noqa: E402
 
 WORKLOADS = {"llama-3.2-3b": "roma-3b-w4", "llama-3-8b": "roma-8b-w2"}
-RSS_LIMIT_GIB = 2.0
+RSS_LIMIT_GIB = 1.0
 
 
 def ensure_checkpoint(model: str, work: Path) -> Path:
@@ -41,7 +52,9 @@ def ensure_checkpoint(model: str, work: Path) -> Path:
 
 def timed(cmd: list[str]) -> tuple[float, float, float, str]:
     """(wall seconds, CPU seconds, peak RSS GiB, stdout) of a command run under /usr/bin/time -v."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    # run from / : ``python -m`` puts the working directory first on sys.path, and a source tree there would
+    # shadow the interpreter's own romac
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd="/")
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
@@ -51,13 +64,30 @@ def timed(cmd: list[str]) -> tuple[float, float, float, str]:
     return seconds, cpu, rss, proc.stdout
 
 
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every file of an artifact directory, by relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            out[p.relative_to(root).as_posix()] = h.hexdigest()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/romac-bench"))
     ap.add_argument("--model", action="append", choices=sorted(WORKLOADS), default=None)
-    ap.add_argument("--keep", action="store_true", help="keep the artifact directories")
+    ap.add_argument("--keep", action="store_true", help="keep the (last) artifact directories")
+    ap.add_argument("--python", action="append", default=None, metavar="LABEL=COMMAND",
+                    help="compile with this interpreter (repeatable: an A/B comparison); default: this one")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds (the interpreters take turns in each)")
     args = ap.parse_args()
-    rows = []
+    pythons = [tuple(p.split("=", 1)) for p in args.python] if args.python else [("romac", sys.executable)]
+    rows, sums = [], {}
     for model in args.model or list(WORKLOADS):
         target = WORKLOADS[model]
         src = ensure_checkpoint(model, args.work)
@@ -66,28 +96,47 @@ def main() -> None:
 
         params = sum(math.prod(expected_shape(cfg, n)) for n in tensor_names(cfg))
         out = args.work / f"out-{model}-{target}"
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "romac.cli", "compile", str(src / "base"), "--adapter", f"chat={src / 'adapter'}",
-               "--target", target, "--out", str(out), "-q"]
-        print(f"compiling {model} onto {target} ...", file=sys.stderr, flush=True)
-        seconds, cpu, rss, _ = timed(cmd)
-        report = json.loads((out / "report.json").read_text())
-        perf = report["performance"]
-        d256 = next(d for d in perf["decode"] if d["context"] == 256)
-        t256 = next(t for t in perf["ttft"] if t["prompt_tokens"] == 256)
-        rows.append((model, target, params, seconds, cpu, rss, report, d256, t256))
+        for rnd in range(args.repeat):
+            for label, exe in pythons:
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = [*shlex.split(exe), "-m", "romac.cli", "compile", str(src / "base"), "--adapter", f"chat={src / 'adapter'}",
+                       "--target", target, "--out", str(out), "-q"]
+                print(f"compiling {model} onto {target} with {label} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
+                seconds, cpu, rss, _ = timed(cmd)
+                report = json.loads((out / "report.json").read_text())
+                sums.setdefault(model, {})[f"{label} #{rnd + 1}"] = digests(out)
+                rows.append((model, target, label, params, seconds, cpu, rss, report))
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-    print("| model (synthetic, real shapes) | target | parameters | wall s | Mparam/s | CPU s | peak RSS GiB "
+    print("| model (synthetic, real shapes) | target | romac | parameters | wall s | Mparam/s | CPU s | peak RSS GiB "
           "| B-ROM used | bits/weight | longest context | decode tok/s @256 | TTFT @256 |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for model, target, p, s, cpu, r, rep, d, t in rows:
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for model, target, label, p, s, cpu, r, rep in rows:
         (fmt, e), = rep["weights"]["effective_bits_per_weight"].items()
-        print(f"| {model} | {target} | {p / 1e9:.3f} B | {s:.1f} | {p / s / 1e6:.0f} | {cpu:.0f} | {r:.2f} | "
+        perf = rep["performance"]
+        d = next(d for d in perf["decode"] if d["context"] == 256)
+        t = next(t for t in perf["ttft"] if t["prompt_tokens"] == 256)
+        print(f"| {model} | {target} | {label} | {p / 1e9:.3f} B | {s:.1f} | {p / s / 1e6:.0f} | {cpu:.0f} | {r:.2f} | "
               f"{rep['rom']['used_bytes'] / 2**30:.3f} GiB ({100 * rep['rom']['utilisation']:.1f}%) | "
               f"{e['bits_per_weight']:.4f} {fmt} | {rep['sram']['longest_context']:,} | {d['tokens_per_s']:,.0f} | "
               f"{t['ms']:.2f} ms |")
-    over = [m for m, _, _, _, _, r, *_ in rows if r > RSS_LIMIT_GIB]
+    if args.repeat > 1 or len(pythons) > 1:
+        print("\n| model | romac | runs | wall s: median [min-max] | CPU s: median [min-max] | peak RSS GiB: max |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for model in dict.fromkeys(r[0] for r in rows):
+            for label, _ in pythons:
+                mine = [r for r in rows if r[0] == model and r[2] == label]
+                w, c = [r[4] for r in mine], [r[5] for r in mine]
+                print(f"| {model} | {label} | {len(mine)} | {statistics.median(w):.1f} [{min(w):.1f}-{max(w):.1f}] | "
+                      f"{statistics.median(c):.1f} [{min(c):.1f}-{max(c):.1f}] | {max(r[6] for r in mine):.2f} |")
+    for model, runs in sums.items():
+        first, *others = runs.items()
+        differ = [name for name, d in others if d != first[1]]
+        print(f"{model}: {len(runs)} artifact directories, {len(first[1])} files each: "
+              + (f"DIFFERENT BYTES in {', '.join(differ)} (vs {first[0]})" if differ else "every file byte-identical"))
+        if differ:
+            sys.exit(1)
+    over = sorted({r[0] for r in rows if r[6] > RSS_LIMIT_GIB})
     if over:
         sys.exit(f"peak RSS above {RSS_LIMIT_GIB} GiB: {', '.join(over)}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,22 +22,23 @@ from tqdm import tqdm
 from romac import __version__
 from romac.artifacts import dump_json, list_files, seal_manifest, sha256_file
 from romac.backend import atomic
+from romac.backend.banks import BankWriter, Runs, make_runs, run_order, tile_runs
 from romac.backend.report import build_report
 from romac.backend.romformats import parse_formats, write_bank_formats
 from romac.backend.sram_image import check_finite, sram_image
-from romac.codecs import codec_for
+from romac.codecs import affine_tiles, codec_for
 from romac.codecs.tiles import pack_constants, pack_tiles
 from romac.errors import RomacError
 from romac.ir import EMBEDDING_TENSORS, Model, stores_codes_of
 from romac.spec.asm import disassemble
 from romac.spec.isa import encode
-from romac.spec.layout import TileGrid, tile_index, tile_locations, tile_words
+from romac.spec.layout import TileGrid, tile_index, tile_locations, tile_sizes, tile_words
 from romac.spec.manifest import (MANIFEST, PROGRAM_ASM, PROGRAM_BIN, RAW_FORMAT, REPORT, SRAM_CORRECTION, TOKENIZER,
-                                 Banks, FileEntry, Manifest, bank_file, sram_file)
+                                 Banks, FileEntry, Manifest, sram_file)
 from romac.spec.plan import VECTOR, Region
 from romac.targets import Target
 
-CHUNK_BYTES = 16 << 20  # float32 input per quantization job: bounds peak memory on big matrices
+CHUNK_BYTES = 16 << 20  # float32 input per quantization job (16-bit on the native path): bounds peak memory
 WORKERS = min(4, os.cpu_count() or 1)  # quantization jobs in flight (numpy releases the GIL)
 
 
@@ -44,69 +46,8 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="param", unit_scale=True, desc="compiling", disable=not enabled or not sys.stderr.isatty(), leave=False)
 
 
-class _BankWriter:
-    """Open bank images, written in place with pwrite (sparse until filled).
-
-    Writes that continue where the bank's previous one ended are gathered (up to ``BUFFER`` bytes a bank) into
-    one pwrite: round-robin placement hands every bank a few KB per row chunk, and 208 banks × 2,000 chunks
-    of small pwrites cost more than the packing on a large model. Call :meth:`flush` before reading back.
-    """
-
-    BUFFER = 1 << 18
-
-    def __init__(self, root: Path, target) -> None:
-        self.pending: dict[int, list] = {}  # bank -> [start offset, end offset, [bytes, ...]]
-        self.fds = []
-        for b in range(target.banks):
-            path = root / bank_file(b, target.banks)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-            os.ftruncate(fd, target.bank_bytes)
-            self.fds.append(fd)
-
-    def write(self, bank: int, offset: int, data: np.ndarray) -> None:
-        run = self.pending.get(bank)
-        if run is not None and run[1] != offset:
-            self._flush(bank)
-            run = None
-        if run is None:
-            run = self.pending[bank] = [offset, offset, []]
-        run[2].append(data.tobytes())
-        run[1] += data.size
-        if run[1] - run[0] >= self.BUFFER:
-            self._flush(bank)
-
-    def _flush(self, bank: int) -> None:
-        start, _, parts = self.pending.pop(bank)
-        os.pwrite(self.fds[bank], b"".join(parts), start)
-
-    def flush(self) -> None:
-        for bank in sorted(self.pending):
-            self._flush(bank)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-
-
-def _write_tiles(banks: _BankWriter, tiles: list[np.ndarray], bank: np.ndarray, offset: np.ndarray) -> None:
-    """Write tiles at their places, merging the ones that follow each other in a bank into one write."""
-    order = np.lexsort((offset, bank))
-    run: list[np.ndarray] = []
-    run_bank = run_start = run_end = -1
-    for k in order.tolist():
-        b, o, data = int(bank[k]), int(offset[k]), tiles[k]
-        if b != run_bank or o != run_end:
-            if run:
-                banks.write(run_bank, run_start, np.concatenate(run))
-            run, run_bank, run_start = [], b, o
-        run.append(data)
-        run_end = o + data.size
-    if run:
-        banks.write(run_bank, run_start, np.concatenate(run))
-
-
-Writes = list  # [(tiles, bank per tile, byte offset per tile)], what one job hands to the writer
+Writes = list  # [Runs], what one job hands to the writer
+_scratch = threading.local()  # each worker's read buffer: its rows are quantized before it reads again
 
 
 def _region_jobs(model: Model, target: Target, region: Region, constants_region: Region | None):
@@ -122,6 +63,18 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
     handle = model.weights[region.name]
     source = getattr(handle, "source", "")
     passthrough = stores_codes_of(handle, fmt.spec())  # a pre-quantized weight in its own format: codes untouched
+    # the affine formats quantize and pack natively from the rows as stored (fp16 is half the bytes of float32)
+    native = not passthrough and affine_tiles.applies(fmt, grid)
+    stored = getattr(handle, "load_rows_stored", None)
+
+    def load_stored(r0: int, r1: int) -> np.ndarray:
+        if stored is None:
+            return handle.load_rows(r0, r1)
+        need = 2 * (r1 - r0) * grid.cols + (16 << 10)  # 16-bit rows and page alignment; wider ones read elsewhere
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.size < need:
+            buf = _scratch.buf = np.empty(need, np.uint8)
+        return stored(r0, r1, buf)
 
     def quantize(w: np.ndarray):
         try:
@@ -129,20 +82,31 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
         except RomacError as e:  # a format limit (e.g. the FP16 scale range): say which tensor hit it
             raise RomacError(f"tensor {region.name!r}: {e}", where=source or None) from None
 
-    def placed(q, grid_part: TileGrid, row0: int) -> tuple:
-        tiles = pack_tiles(fmt, q, grid_part, target.word_bytes)
-        # global storage index of each tile of this row chunk (its full tiles are a contiguous run)
-        first = (row0 // grid.tile_rows) * grid.full_cols
-        index = list(range(first, first + grid_part.n_full))
-        index += [tile_index(grid, row0 + r0, c0) for r0, c0, _, _ in grid_part.edge_tiles()]
-        return tiles, bank[index], offset[index]
+    def located(grid_part: TileGrid, row0: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bank and byte offset of each tile of a row chunk (in the chunk's storage order)."""
+        first = (row0 // grid.tile_rows) * grid.full_cols  # its full tiles are a contiguous run of the region's
+        index = np.arange(first, first + grid_part.n_full)
+        edges = [tile_index(grid, row0 + r0, c0) for r0, c0, _, _ in grid_part.edge_tiles()]
+        index = np.concatenate([index, np.array(edges, np.int64)]) if edges else index
+        return bank[index], offset[index]
+
+    def placed(q, grid_part: TileGrid, row0: int) -> Runs:
+        return tile_runs(pack_tiles(fmt, q, grid_part, target.word_bytes), *located(grid_part, row0))
+
+    def native_runs(stored: np.ndarray, grid_part: TileGrid, row0: int) -> Runs | None:
+        """The chunk's tiles packed natively straight into (bank, offset) order: one slice per bank run."""
+        b, o = located(grid_part, row0)
+        sizes = tile_sizes(fmt, grid_part, target.word_bytes)
+        order, at = run_order(b, o, sizes)
+        data = affine_tiles.quantize_pack_into(fmt, stored, grid_part, target.word_bytes, at)
+        return None if data is None else make_runs(data, b, o, sizes, order)
 
     def constants(q) -> tuple:
         values = pack_constants(q).reshape(1, -1)
         cfmt = constants_region.format
         tiles = pack_tiles(cfmt, codec_for(cfmt).quantize(values), TileGrid.for_vector(values.shape[1]), target.word_bytes)
         e = constants_region.extents[0]
-        return tiles, np.array([e.bank]), np.array([e.word_offset * target.word_bytes])
+        return tile_runs(tiles, np.array([e.bank]), np.array([e.word_offset * target.word_bytes]))
 
     def whole() -> tuple[Writes, int]:
         if passthrough:
@@ -158,9 +122,14 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
 
     def chunk(r0: int, r1: int):
         def job() -> tuple[Writes, int]:
+            part = TileGrid(r1 - r0, grid.cols, grid.tile_rows, grid.tile_cols)
+            if native:
+                runs = native_runs(load_stored(r0, r1), part, r0)
+                if runs is not None:
+                    return [runs], part.rows * part.cols
+                # a weight that is not finite or a scale beyond FP16: the definition below says which and where
             w = np.asarray(handle.load_rows(r0, r1), np.float32)
             check_finite(w, region.name, source, r0)
-            part = TileGrid(r1 - r0, grid.cols, grid.tile_rows, grid.tile_cols)
             return [placed(quantize(w), part, r0)], w.size
 
         return job
@@ -169,7 +138,8 @@ def _region_jobs(model: Model, target: Target, region: Region, constants_region:
     if region.kind == VECTOR or constants_region is not None or passthrough:
         yield whole
         return
-    rows_per_chunk = max(1, CHUNK_BYTES // (4 * grid.cols) // grid.tile_rows) * grid.tile_rows
+    # CHUNK_BYTES of float32; the native path never widens its rows, so it takes as many rows as 16-bit values
+    rows_per_chunk = max(1, CHUNK_BYTES // ((2 if native else 4) * grid.cols) // grid.tile_rows) * grid.tile_rows
     for r0 in range(0, grid.rows, rows_per_chunk):
         yield chunk(r0, min(grid.rows, r0 + rows_per_chunk))
 
@@ -238,15 +208,15 @@ def _write_all(model: Model, target: Target, rom_formats: tuple[str, ...], root:
         if region.constants_of is None
         for job in _region_jobs(model, target, region, constants.get(region.name))
     )
-    banks = _BankWriter(root, target)
+    banks = BankWriter(root, target)
     try:
         with _progress(total, progress) as bar, ThreadPoolExecutor(WORKERS) as pool:
             pending: deque = deque()
 
             def drain_one() -> None:
                 writes, n = pending.popleft().result()
-                for tiles, bank, offset in writes:
-                    _write_tiles(banks, tiles, bank, offset)
+                for runs in writes:
+                    banks.write_runs(runs)
                 bar.update(n)
 
             for job in jobs:
@@ -256,6 +226,7 @@ def _write_all(model: Model, target: Target, rom_formats: tuple[str, ...], root:
             while pending:
                 drain_one()
         banks.flush()
+        digests = banks.digests()
     finally:
         banks.close()
     # RTL images beside each raw bank, inside the temporary directory: they are in the manifest like every file
@@ -273,5 +244,8 @@ def _write_all(model: Model, target: Target, rom_formats: tuple[str, ...], root:
     (root / REPORT).write_text(dump_json(build_report(model, target)), encoding="utf-8")
     if model.tokenizer is not None:  # the checkpoint's tokenizer, for `romac run --prompt`
         (root / TOKENIZER).write_text(model.tokenizer, encoding="utf-8")
-    files = {rel: FileEntry((root / rel).stat().st_size, sha256_file(root / rel)) for rel in list_files(root)}
+    rest = [rel for rel in list_files(root) if rel not in digests]  # hashed from the files, on all cores
+    with ThreadPoolExecutor(WORKERS) as pool:
+        digests.update(zip(rest, pool.map(lambda rel: sha256_file(root / rel), rest)))
+    files = {rel: FileEntry((root / rel).stat().st_size, digests[rel]) for rel in list_files(root)}
     (root / MANIFEST).write_text(seal_manifest(_manifest(model, target, rom_formats, files).to_json()), encoding="utf-8")

@@ -76,7 +76,8 @@ def load_hf_checkpoint(path: str | Path) -> Model:
                 f"tensor {key!r} has shape {info.shape}, config.json implies {want}", where=str(f.path)
             )
         weights[name] = LazyWeight(
-            name, info.shape, f.loader(key), source=f"{f.path}:{key}", row_loader=f.row_loader(key)
+            name, info.shape, f.loader(key), source=f"{f.path}:{key}", row_loader=f.row_loader(key),
+            stored_row_loader=f.stored_row_loader(key),
         )
     if config.tie_word_embeddings and "lm_head" in found:
         ignored.append(found["lm_head"][0])

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from romac.errors import RomacError
+from romac.frontend.rawio import read_range, scratch_bytes
 
 __all__ = [
     "DTYPES",
@@ -241,15 +243,21 @@ class SafetensorsFile:
         buf = self._map()[t.start : t.end]
         return np.asarray(buf).view(dt).reshape(t.shape)
 
-    def _read_rows(self, t: "TensorInfo", rows: slice) -> np.ndarray:
-        """Rows of a tensor read with one pread (not mapped: streamed reads must not pile up in RSS)."""
+    def _read_rows(self, t: "TensorInfo", rows: slice, into: np.ndarray | None = None) -> np.ndarray:
+        """Rows of a tensor read with one pread (not mapped: streamed reads must not pile up in RSS); into the
+        uint8 buffer ``into`` if it is big enough (:func:`romac.frontend.rawio.scratch_bytes`), then the result is
+        a view of it and uncached bytes come straight from the disk (:mod:`romac.frontend.rawio`)."""
         dt = np.dtype(DTYPES[t.dtype])
         start, stop, _ = rows.indices(t.shape[0] if t.shape else 1)
         row_bytes = (t.nbytes // t.shape[0]) if t.shape and t.shape[0] else 0
         count = max(0, stop - start) * row_bytes
-        with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), count, t.start + start * row_bytes)
-        if len(data) != count:
+        if into is not None and into.size >= scratch_bytes(count):  # streamed: cache or disk, into a reused buffer
+            data, got = read_range(self.path, t.start + start * row_bytes, count, into)
+        else:
+            with open(self.path, "rb") as f:
+                data = os.pread(f.fileno(), count, t.start + start * row_bytes)
+            got = len(data)
+        if got != count:
             raise RomacError(f"tensor {t.name!r} is truncated", where=self._where)
         return np.frombuffer(data, dtype=dt).reshape((max(0, stop - start),) + tuple(t.shape[1:]))
 
@@ -272,6 +280,22 @@ class SafetensorsFile:
         if t.dtype == "BF16":
             return bf16_to_float32(a)
         return a.astype(np.float32)
+
+    def load_stored(self, name: str, rows: slice, into: np.ndarray | None = None) -> np.ndarray:
+        """Rows of a floating-point tensor in the dtype the file stores (float16, float32, float64, BF16 as
+        ``ml_dtypes.bfloat16``), read with one pread and not widened: :meth:`load` gives exactly these values as
+        float32. The emitter's native quantizer reads fp16 itself, which saves a float32 copy of every row.
+        ``into``: a uint8 buffer to read into (reused by the caller); the result is then a view of it."""
+        t = self.info(name)
+        if t.dtype not in FLOAT_DTYPES:
+            raise RomacError(f"tensor {name!r} has integer dtype {t.dtype}; read it with raw()", where=self._where)
+        a = self._read_rows(t, rows, into)
+        return a.view(ml_dtypes.bfloat16) if t.dtype == "BF16" else a
+
+    def stored_row_loader(self, name: str) -> "StoredRowLoader":
+        """A picklable callable ``(start, stop)`` that loads rows of ``name`` as stored (:meth:`load_stored`)."""
+        self.info(name)
+        return StoredRowLoader(self, name)
 
     def row_loader(self, name: str) -> "RowLoader":
         """A picklable callable ``(start, stop)`` that loads rows of ``name`` as float32."""
@@ -386,6 +410,17 @@ class RowLoader:
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         return self.file.load(self.name, rows=slice(start, stop))
+
+
+@dataclass(frozen=True)
+class StoredRowLoader:
+    """``file.load_stored(name, slice(start, stop))`` as a picklable callable."""
+
+    file: SafetensorsFile
+    name: str
+
+    def __call__(self, start: int, stop: int, into: np.ndarray | None = None) -> np.ndarray:
+        return self.file.load_stored(self.name, slice(start, stop), into)
 
 
 def write_safetensors_streaming(

@@ -148,6 +148,10 @@ class WeightHandle(Protocol):
         """Rows [start, stop) as float32, reading only those where the source allows."""
         ...
 
+    # Optional (the emitter asks with getattr): ``load_rows_stored(start, stop, into=None)``, the same rows in the
+    # source's own float dtype (float16, ml_dtypes.bfloat16, float32), whose float32 values are exactly
+    # ``load_rows``', possibly read into the caller's uint8 buffer ``into``.
+
     def load_quantized(self) -> Any:
         """The stored codes as a ``romac.codecs.QuantTensor`` (only when ``codec_spec`` is not None)."""
         ...
@@ -176,6 +180,7 @@ class LazyWeight(_FloatSource):
     loader: Callable[[], np.ndarray] = field(repr=False, compare=False)
     source: str = ""
     row_loader: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    stored_row_loader: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> np.ndarray:
         return self.loader()
@@ -185,6 +190,14 @@ class LazyWeight(_FloatSource):
         if self.row_loader is not None:
             return self.row_loader(start, stop)
         return self.loader()[start:stop]
+
+    def load_rows_stored(self, start: int, stop: int, into: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) in the source's own float dtype (fp16, bf16 ...), which ``load_rows`` widens
+        exactly to float32; ``load_rows`` itself where the source has no such reader. ``into``: a uint8 buffer
+        the reader may fill and return a view of (the caller reuses it)."""
+        if self.stored_row_loader is not None:
+            return self.stored_row_loader(start, stop, into)
+        return self.load_rows(start, stop)
 
 
 @dataclass(frozen=True)
