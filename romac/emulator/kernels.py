@@ -1,0 +1,271 @@
+"""Native kernels: the L-Unit's group-dequantize-and-accumulate, computed straight from the packed tile bytes
+where they lie in the memory-mapped bank images, for every weight format romac emits.
+
+``matmul(k, banks, x)`` is ``y[T, out] = x[T, in] @ dequant(W)^T``; ``rows(k, banks, ids)`` reads whole rows
+(EMBED). Nothing is decoded ahead: a :class:`romac.emulator.rom.MatrixKernel` holds where each tile lies and
+the format's small tables; the codes stay packed in the banks. The numpy definition they are tested against is
+``Rom.value`` (the codec's dequantization) followed by ``x @ W^T`` (tests/test_kernels.py).
+
+Every weight is dequantized exactly as its codec does it (``romac.codecs``: ``float32(s) * (q - z)``,
+``values[q] * absmax``, the raw float), so each ``w`` is the very float32 of the numpy definition; only the order
+of the sums differs, and it is fixed, so results depend on neither the thread count nor the run:
+
+* a row is cut into *lane groups* of ``G`` columns: the format's group (affine group, bitsandbytes block), or
+  the tile width for raw floats; tiles start on group boundaries;
+* within a group, column ``e`` goes to lane ``(e mod p)·(G/p) + ⌊e/p⌋``, ``p`` codes a byte (the j-th codes
+  of the group's bytes fill consecutive lanes, so unpacking vectorises); ``p = 1`` for codes of 8 bits and
+  more, and when ``G`` is not a multiple of ``p``;
+* lane λ of output ``(t, o)`` is ``A[λ] = (((0 + w·x) + w·x) + …)``, one product per group of the row, in
+  column order, every product and every sum rounded to float32 (no fused multiply-add, no reassociation);
+* ``y[t, o]`` is the pairwise sum of the ``G`` lanes: while n > 1, ``h = ⌈n/2⌉``, ``A[λ] += A[λ + h]`` for
+  λ < n − h, n = h; then ``A[0]``.
+
+Hence ``|y − x·Wᵀ| ≤ γ_m Σ|w||x|`` with ``m = ⌈in/G⌉ + ⌈log₂ G⌉``, ``γ_m = m·u/(1 − m·u)``, u = 2⁻²⁴.
+
+The kernels are compiled once per kind of code (family, code bits, codes a byte, parameter storage), with those
+as constants: the unpacking shifts are then constants and the loops vectorise in 32-bit lanes.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from romac.spec.formats import BNB_DYNAMIC_SIGNED
+
+f32 = np.float32
+# Kernel-internal codes of the codec families (romac.emulator.rom maps WeightFormat.family onto them).
+AFFINE, BNB, RAW = 0, 1, 2
+# Positions in the ``geo`` vector handed to the kernels (one int64 array: one compiled signature).
+(G_ROWS, G_COLS, G_TR, G_TC, G_BITS, G_PER, G_LANES, G_FAM, G_F0BITS, G_F0FLOAT, G_F1BITS, G_NESTED,
+ G_NGROUPS) = range(13)
+GEO_SIZE = 13
+#: positions of one prefill computed together: their accumulators (T_BLOCK × G floats) stay in L1
+T_BLOCK = 32
+#: 2**(e - 25) for a float16 exponent field e (e = 0: subnormal, 2**-24): float16 -> float32 exactly
+_HALF_POW = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], f32)
+#: bitsandbytes' signed 8-bit dynamic map, which de-nests double-quantized absmax (a constant of the kernels)
+_DYNAMIC = np.ascontiguousarray(BNB_DYNAMIC_SIGNED, f32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _half(bank, p):
+    """The little-endian float16 at byte p, as float32 (exact: an 11-bit integer times a power of two)."""
+    h = np.int64(bank[p]) | (np.int64(bank[p + 1]) << 8)
+    e, m = (h >> 10) & 31, h & 1023
+    if e == 31:
+        v = f32(np.inf) if m == 0 else f32(np.nan)
+    else:
+        v = f32(m + (1024 if e else 0)) * _HALF_POW[e]
+    return -v if h & 0x8000 else v
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _packed(bank, base, idx, bits):
+    """The idx-th ``bits``-wide unsigned field of a packed run (first field in the high bits)."""
+    pos = idx * bits
+    return (np.int64(bank[base + (pos >> 3)]) >> (8 - bits - (pos & 7))) & ((1 << bits) - 1)
+
+
+def _build(fam: int, bits: int, per: int, f0bits: int, f0float: bool, f1bits: int):
+    """The kernels of one kind of code: (serial matmul, parallel matmul, rows)."""
+    MASK = (1 << bits) - 1
+    BYTEWISE = fam != RAW and (per > 1 or bits == 8)  # whole codes in a byte: unpacked stream by stream
+
+    @njit(cache=True, nogil=True, inline="always")
+    def weight(q, s, z, values):
+        return s * (f32(q) - z) if fam == AFFINE else values[q] * s
+
+    @njit(cache=True, nogil=True, inline="always")
+    def params(bank, pb0, pb1, g, blk, nested, nested_block, offset):
+        """(s, z) of group g of a tile row: affine (scale, zero), bitsandbytes (absmax, 0), raw (1, 0)."""
+        if fam == RAW:
+            return f32(1), f32(0)
+        if not f0float:  # bitsandbytes' 8-bit absmax codes, de-nested as romac.codecs.bnb.denest_absmax does
+            s = _DYNAMIC[_packed(bank, pb0, g, f0bits)] * nested[blk // nested_block] + f32(offset)
+        elif f0bits == 16:
+            s = _half(bank, pb0 + 2 * g)
+        else:
+            s = bank[pb0 + 4 * g:pb0 + 4 * g + 4].view(np.float32)[0]
+        z = f32(_packed(bank, pb1, g, f1bits)) if fam == AFFINE else f32(0)
+        return s, z
+
+    @njit(cache=True, nogil=True, inline="always")
+    def fill(bank, cb, gl, lanes, s, z, values, w):
+        """w[lane] = the weights of one group of ``gl`` columns whose codes start at byte ``cb``."""
+        if BYTEWISE:
+            st = lanes // per
+            for j in range(per):  # a constant trip count: unrolled, each shift a constant
+                sh = 8 - bits * (j + 1)
+                n = (gl - j + per - 1) // per
+                src, out = bank[cb:cb + n], w[j * st:j * st + n]
+                for i in range(n):
+                    out[i] = weight(np.int32((src[i] >> sh) & MASK), s, z, values)  # int32: narrow lanes
+        elif fam == RAW and bits == 16:
+            for e in range(gl):
+                w[e] = _half(bank, cb + 2 * e)
+        elif fam == RAW:
+            w[:gl] = bank[cb:cb + 4 * gl].view(np.float32)
+        else:  # groups that are not whole bytes: one code at a time
+            for e in range(gl):
+                w[e] = weight(_packed(bank, cb, e, bits), s, z, values)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, out):
+        """Row ``o``, group by group in column order: the lanes of positions t0..t1 added into ``acc`` (or, with
+        ``xp`` empty, the row's weights in lane order written to ``out``)."""
+        rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
+        i = o // tr
+        rr, r = o - i * tr, min(tr, rows - i * tr)
+        for j in range(tb.shape[1]):
+            bank, off = banks[tb[i, j]], to[i, j]
+            c = min(tc, cols - j * tc)
+            rbc = (c * bits + 7) >> 3  # each part's rows are padded to whole bytes (romac.spec.layout)
+            ngc = (c + lanes - 1) // lanes
+            rb0 = (ngc * f0bits + 7) >> 3
+            pb0 = off + r * rbc + rr * rb0
+            pb1 = off + r * rbc + r * rb0 + rr * ((ngc * f1bits + 7) >> 3)
+            blk0 = (o * cols + j * tc) // lanes if fam == BNB else 0  # bitsandbytes' flat block index
+            for g in range(ngc):
+                s, z = params(bank, pb0, pb1, g, blk0 + g, nested, geo[G_NESTED], offset)
+                gl = min(lanes, c - g * lanes)
+                base = j * tc + g * lanes
+                if gl < lanes:
+                    w[:] = 0
+                fill(bank, off + rr * rbc + ((g * lanes * bits) >> 3), gl, lanes, s, z, values, w)
+                if xp.shape[0] == 0:
+                    out[base:base + lanes] = w
+                    continue
+                for t in range(t0, t1):
+                    a, xg = acc[t - t0], xp[t, base:base + lanes]
+                    for k in range(lanes):
+                        a[k] += w[k] * xg[k]
+
+    @njit(cache=True, nogil=True, inline="always")
+    def one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc):
+        """acc[rr] = the lanes of row i·tr + rr for one position, tile by tile (each tile's bank looked up once),
+        each weight going straight into its product: the same values and order as ``walk``."""
+        rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
+        r, st = min(tr, rows - i * tr), lanes // per
+        for j in range(tb.shape[1]):
+            bank, off = banks[tb[i, j]], to[i, j]
+            c = min(tc, cols - j * tc)
+            rbc = (c * bits + 7) >> 3
+            ngc = (c + lanes - 1) // lanes
+            rb0, rb1 = (ngc * f0bits + 7) >> 3, (ngc * f1bits + 7) >> 3
+            for rr in range(r):
+                pb0 = off + r * rbc + rr * rb0
+                pb1 = off + r * rbc + r * rb0 + rr * rb1
+                blk0 = ((i * tr + rr) * cols + j * tc) // lanes if fam == BNB else 0
+                for g in range(ngc):
+                    s, z = params(bank, pb0, pb1, g, blk0 + g, nested, geo[G_NESTED], offset)
+                    gl = min(lanes, c - g * lanes)
+                    cb = off + rr * rbc + ((g * lanes * bits) >> 3)
+                    base = j * tc + g * lanes
+                    # A partial group is run full length when its bytes exist: the extra lanes multiply x = 0
+                    # (lanes past the row's end) and add ±0 to lanes that hold +0, so nothing changes, and the
+                    # vector loop never drops to its scalar remainder.
+                    full = gl < lanes and cb + st <= bank.size
+                    for jj in range(per):
+                        sh = 8 - bits * (jj + 1)
+                        n = st if full else (gl - jj + per - 1) // per
+                        src, xs = bank[cb:cb + n], xp[0, base + jj * st:base + jj * st + n]
+                        a = acc[rr, jj * st:jj * st + n]
+                        for k in range(n):
+                            a[k] += weight(np.int32((src[k] >> sh) & MASK), s, z, values) * xs[k]
+
+    @njit(cache=True, nogil=True, inline="always")
+    def tree(a, lanes):
+        n = lanes
+        while n > 1:
+            h = (n + 1) // 2
+            for k in range(n - h):
+                a[k] += a[k + h]
+            n = h
+        return a[0]
+
+    @njit(cache=True, nogil=True)
+    def row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i):
+        """y[:, o] for the rows o of row tile i."""
+        rows, tr, lanes = geo[G_ROWS], geo[G_TR], geo[G_LANES]
+        n_t, r = xp.shape[0], min(geo[G_TR], rows - i * tr)
+        if n_t == 1 and BYTEWISE:
+            acc1 = np.zeros((r, lanes), f32)
+            one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc1)
+            for rr in range(r):
+                y[0, i * tr + rr] = tree(acc1[rr], lanes)
+            return
+        w = np.zeros(lanes, f32)
+        acc = np.empty((min(n_t, T_BLOCK), lanes), f32)
+        for t0 in range(0, n_t, T_BLOCK):
+            t1 = min(n_t, t0 + T_BLOCK)
+            for o in range(i * tr, i * tr + r):
+                acc[:] = 0
+                walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, w)
+                for t in range(t0, t1):
+                    y[t, o] = tree(acc[t - t0], lanes)
+
+    @njit(cache=True, nogil=True)
+    def serial(banks, tb, to, geo, lane_cols, values, nested, offset, x, y):
+        xp = _lanes_of(x, lane_cols)
+        for i in range(tb.shape[0]):
+            row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i)
+
+    @njit(cache=True, nogil=True, parallel=True)
+    def parallel(banks, tb, to, geo, lane_cols, values, nested, offset, x, y):
+        xp = _lanes_of(x, lane_cols)
+        for i in prange(tb.shape[0]):  # row tiles are independent: any thread computes a row the same way
+            row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i)
+
+    @njit(cache=True, nogil=True)
+    def rows(banks, tb, to, geo, lane_cols, values, nested, offset, ids, out):
+        w = np.zeros(geo[G_LANES], f32)
+        lane_row, none = np.empty(lane_cols.size, f32), np.empty((0, 0), f32)
+        for n in range(ids.size):
+            walk(banks, tb, to, geo, values, nested, offset, ids[n], none, 0, 0, none, w, lane_row)
+            for k in range(lane_cols.size):
+                if lane_cols[k] >= 0:
+                    out[n, lane_cols[k]] = lane_row[k]
+
+    return serial, parallel, rows
+
+
+@njit(cache=True, nogil=True)
+def _lanes_of(x, lane_cols):
+    """x [T, in] in lane order [T, groups · G] (0 past the row's end)."""
+    xp = np.zeros((x.shape[0], lane_cols.size), f32)
+    for t in range(x.shape[0]):
+        for k in range(lane_cols.size):
+            c = lane_cols[k]
+            if c >= 0:
+                xp[t, k] = x[t, c]
+    return xp
+
+
+_KERNELS: dict[tuple, tuple] = {}
+
+
+def _kernels(geo: np.ndarray) -> tuple:
+    key = (int(geo[G_FAM]), int(geo[G_BITS]), int(geo[G_PER]), int(geo[G_F0BITS]), bool(geo[G_F0FLOAT]),
+           int(geo[G_F1BITS]))
+    if key not in _KERNELS:
+        _KERNELS[key] = _build(*key)
+    return _KERNELS[key]
+
+
+def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
+           values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray, parallel: bool) -> np.ndarray:
+    """``x @ dequant(W)^T`` (float32 [T, out]); ``parallel`` spreads row tiles over numba's threads."""
+    y = np.empty((x.shape[0], int(geo[G_ROWS])), f32)
+    serial, par, _ = _kernels(geo)
+    (par if parallel else serial)(banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
+    return y
+
+
+def rows(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
+         values: np.ndarray, nested: np.ndarray, offset: float, ids: np.ndarray) -> np.ndarray:
+    """The dequantized rows ``ids`` (float32 [n, in]), bit for bit the codec's dequantization."""
+    out = np.empty((ids.size, int(geo[G_COLS])), f32)
+    _kernels(geo)[2](banks, tb, to, geo, lane_cols, values, nested, offset, ids, out)
+    return out
