@@ -68,159 +68,161 @@ def _packed(bank, base, idx, bits):
     return (np.int64(bank[base + (pos >> 3)]) >> (8 - bits - (pos & 7))) & ((1 << bits) - 1)
 
 
-def _build(fam: int, bits: int, per: int, f0bits: int, f0float: bool, f1bits: int):
-    """The kernels of one kind of code: (serial matmul, parallel matmul, rows)."""
-    MASK = (1 << bits) - 1
-    BYTEWISE = fam != RAW and (per > 1 or bits == 8)  # whole codes in a byte: unpacked stream by stream
+def _build(fam: int, bits: int):
+    """The kernels of one kind of code, (matmul, rows): ``fam``/``bits`` constants (the unpacking shifts are then
+    constants), or -1/0 for the generic kernels that read both, and everything else, from ``geo``."""
+    PER = 8 // bits if 0 < bits < 8 else 1
 
     @njit(cache=True, nogil=True, inline="always")
-    def weight(q, s, z, values):
-        return s * (f32(q) - z) if fam == AFFINE else values[q] * s
+    def kind(geo):
+        """(family, code bits, codes a byte, whole codes a byte?) of the region."""
+        f = fam if fam >= 0 else geo[G_FAM]
+        b = bits if bits > 0 else geo[G_BITS]
+        p = PER if bits > 0 else geo[G_PER]
+        return f, b, p, f != RAW and (p > 1 or b == 8)
 
     @njit(cache=True, nogil=True, inline="always")
-    def params(bank, pb0, pb1, g, blk, nested, nested_block, offset):
+    def weight(q, s, z, values, f):
+        return s * (f32(q) - z) if f == AFFINE else values[q] * s
+
+    @njit(cache=True, nogil=True, inline="always")
+    def params(bank, pb0, pb1, g, blk, geo, nested, offset, f):
         """(s, z) of group g of a tile row: affine (scale, zero), bitsandbytes (absmax, 0), raw (1, 0)."""
-        if fam == RAW:
+        if f == RAW:
             return f32(1), f32(0)
-        if not f0float:  # bitsandbytes' 8-bit absmax codes, de-nested as romac.codecs.bnb.denest_absmax does
-            s = _DYNAMIC[_packed(bank, pb0, g, f0bits)] * nested[blk // nested_block] + f32(offset)
+        f0bits = geo[G_F0BITS]
+        if not geo[G_F0FLOAT]:  # bitsandbytes' 8-bit absmax codes, de-nested as codecs.bnb.denest_absmax does
+            s = _DYNAMIC[_packed(bank, pb0, g, f0bits)] * nested[blk // geo[G_NESTED]] + f32(offset)
         elif f0bits == 16:
             s = _half(bank, pb0 + 2 * g)
         else:
             s = bank[pb0 + 4 * g:pb0 + 4 * g + 4].view(np.float32)[0]
-        z = f32(_packed(bank, pb1, g, f1bits)) if fam == AFFINE else f32(0)
+        z = f32(_packed(bank, pb1, g, geo[G_F1BITS])) if f == AFFINE else f32(0)
         return s, z
 
     @njit(cache=True, nogil=True, inline="always")
-    def fill(bank, cb, gl, lanes, s, z, values, w):
+    def fill(bank, cb, gl, lanes, s, z, values, w, geo):
         """w[lane] = the weights of one group of ``gl`` columns whose codes start at byte ``cb``."""
-        if BYTEWISE:
-            st = lanes // per
-            for j in range(per):  # a constant trip count: unrolled, each shift a constant
-                sh = 8 - bits * (j + 1)
-                n = (gl - j + per - 1) // per
+        f, b, p, bytewise = kind(geo)
+        if bytewise:
+            st, mask = lanes // p, (1 << b) - 1
+            for j in range(p):  # with constant codes a byte: unrolled, each shift a constant
+                sh = 8 - b * (j + 1)
+                n = (gl - j + p - 1) // p
                 src, out = bank[cb:cb + n], w[j * st:j * st + n]
                 for i in range(n):
-                    out[i] = weight(np.int32((src[i] >> sh) & MASK), s, z, values)  # int32: narrow lanes
-        elif fam == RAW and bits == 16:
+                    out[i] = weight(np.int32((src[i] >> sh) & mask), s, z, values, f)  # int32: narrow lanes
+        elif f == RAW and b == 16:
             for e in range(gl):
                 w[e] = _half(bank, cb + 2 * e)
-        elif fam == RAW:
+        elif f == RAW:
             w[:gl] = bank[cb:cb + 4 * gl].view(np.float32)
         else:  # groups that are not whole bytes: one code at a time
             for e in range(gl):
-                w[e] = weight(_packed(bank, cb, e, bits), s, z, values)
+                w[e] = weight(_packed(bank, cb, e, b), s, z, values, f)
 
     @njit(cache=True, nogil=True, inline="always")
     def walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, out):
         """Row ``o``, group by group in column order: the lanes of positions t0..t1 added into ``acc`` (or, with
-        ``xp`` empty, the row's weights in lane order written to ``out``)."""
+        ``xp`` empty, the row's weights in lane order written to ``out``). ``w`` holds the weights of up to
+        four groups, added in one pass over the accumulators (each lane's order kept)."""
         rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
+        f, b = kind(geo)[:2]
         i = o // tr
         rr, r = o - i * tr, min(tr, rows - i * tr)
+        bases = np.zeros(4, np.int64)
+        held = 0
         for j in range(tb.shape[1]):
             bank, off = banks[tb[i, j]], to[i, j]
             c = min(tc, cols - j * tc)
-            rbc = (c * bits + 7) >> 3  # each part's rows are padded to whole bytes (romac.spec.layout)
+            rbc = (c * b + 7) >> 3  # each part's rows are padded to whole bytes (romac.spec.layout)
             ngc = (c + lanes - 1) // lanes
-            rb0 = (ngc * f0bits + 7) >> 3
+            rb0 = (ngc * geo[G_F0BITS] + 7) >> 3
             pb0 = off + r * rbc + rr * rb0
-            pb1 = off + r * rbc + r * rb0 + rr * ((ngc * f1bits + 7) >> 3)
-            blk0 = (o * cols + j * tc) // lanes if fam == BNB else 0  # bitsandbytes' flat block index
+            pb1 = off + r * rbc + r * rb0 + rr * ((ngc * geo[G_F1BITS] + 7) >> 3)
+            blk0 = (o * cols + j * tc) // lanes if f == BNB else 0  # bitsandbytes' flat block index
             for g in range(ngc):
-                s, z = params(bank, pb0, pb1, g, blk0 + g, nested, geo[G_NESTED], offset)
+                s, z = params(bank, pb0, pb1, g, blk0 + g, geo, nested, offset, f)
                 gl = min(lanes, c - g * lanes)
-                base = j * tc + g * lanes
+                wg = w[held]
                 if gl < lanes:
-                    w[:] = 0
-                fill(bank, off + rr * rbc + ((g * lanes * bits) >> 3), gl, lanes, s, z, values, w)
+                    wg[:] = 0
+                fill(bank, off + rr * rbc + ((g * lanes * b) >> 3), gl, lanes, s, z, values, wg, geo)
+                bases[held] = j * tc + g * lanes
                 if xp.shape[0] == 0:
-                    out[base:base + lanes] = w
+                    out[bases[0]:bases[0] + lanes] = wg
                     continue
-                for t in range(t0, t1):
-                    a, xg = acc[t - t0], xp[t, base:base + lanes]
-                    for k in range(lanes):
-                        a[k] += w[k] * xg[k]
+                held += 1
+                if held == 4:
+                    _accumulate4(acc, w, xp, bases, t0, t1)
+                    held = 0
+        for h in range(held):
+            _accumulate(acc, w[h], xp, bases[h], t0, t1)
 
     @njit(cache=True, nogil=True, inline="always")
     def one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc):
         """acc[rr] = the lanes of row i·tr + rr for one position, tile by tile (each tile's bank looked up once),
         each weight going straight into its product: the same values and order as ``walk``."""
         rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
-        r, st = min(tr, rows - i * tr), lanes // per
+        f, b, p, _ = kind(geo)
+        r, st, mask = min(tr, rows - i * tr), lanes // p, (1 << b) - 1
         for j in range(tb.shape[1]):
             bank, off = banks[tb[i, j]], to[i, j]
             c = min(tc, cols - j * tc)
-            rbc = (c * bits + 7) >> 3
+            rbc = (c * b + 7) >> 3
             ngc = (c + lanes - 1) // lanes
-            rb0, rb1 = (ngc * f0bits + 7) >> 3, (ngc * f1bits + 7) >> 3
+            rb0, rb1 = (ngc * geo[G_F0BITS] + 7) >> 3, (ngc * geo[G_F1BITS] + 7) >> 3
             for rr in range(r):
                 pb0 = off + r * rbc + rr * rb0
                 pb1 = off + r * rbc + r * rb0 + rr * rb1
-                blk0 = ((i * tr + rr) * cols + j * tc) // lanes if fam == BNB else 0
+                blk0 = ((i * tr + rr) * cols + j * tc) // lanes if f == BNB else 0
                 for g in range(ngc):
-                    s, z = params(bank, pb0, pb1, g, blk0 + g, nested, geo[G_NESTED], offset)
+                    s, z = params(bank, pb0, pb1, g, blk0 + g, geo, nested, offset, f)
                     gl = min(lanes, c - g * lanes)
-                    cb = off + rr * rbc + ((g * lanes * bits) >> 3)
+                    cb = off + rr * rbc + ((g * lanes * b) >> 3)
                     base = j * tc + g * lanes
-                    # A partial group is run full length when its bytes exist: the extra lanes multiply x = 0
-                    # (lanes past the row's end) and add ±0 to lanes that hold +0, so nothing changes, and the
-                    # vector loop never drops to its scalar remainder.
-                    full = gl < lanes and cb + st <= bank.size
-                    for jj in range(per):
-                        sh = 8 - bits * (jj + 1)
-                        n = st if full else (gl - jj + per - 1) // per
+                    # A partial group is run full length when its bytes exist: the extra lanes multiply finite
+                    # weights by x = 0 (lanes past the row's end) and add ±0 to lanes that hold +0, so nothing
+                    # changes, and the vector loop never drops to its scalar remainder.
+                    full = gl < lanes and cb + st <= bank.size and np.isfinite(s)
+                    for jj in range(p):
+                        sh = 8 - b * (jj + 1)
+                        n = st if full else (gl - jj + p - 1) // p
                         src, xs = bank[cb:cb + n], xp[0, base + jj * st:base + jj * st + n]
                         a = acc[rr, jj * st:jj * st + n]
                         for k in range(n):
-                            a[k] += weight(np.int32((src[k] >> sh) & MASK), s, z, values) * xs[k]
+                            a[k] += weight(np.int32((src[k] >> sh) & mask), s, z, values, f) * xs[k]
 
     @njit(cache=True, nogil=True, inline="always")
-    def tree(a, lanes):
-        n = lanes
-        while n > 1:
-            h = (n + 1) // 2
-            for k in range(n - h):
-                a[k] += a[k + h]
-            n = h
-        return a[0]
-
-    @njit(cache=True, nogil=True)
     def row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i):
         """y[:, o] for the rows o of row tile i."""
         rows, tr, lanes = geo[G_ROWS], geo[G_TR], geo[G_LANES]
         n_t, r = xp.shape[0], min(geo[G_TR], rows - i * tr)
-        if n_t == 1 and BYTEWISE:
+        if n_t == 1 and kind(geo)[3]:
             acc1 = np.zeros((r, lanes), f32)
             one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc1)
             for rr in range(r):
                 y[0, i * tr + rr] = tree(acc1[rr], lanes)
             return
-        w = np.zeros(lanes, f32)
+        w = np.zeros((4, lanes), f32)
         acc = np.empty((min(n_t, T_BLOCK), lanes), f32)
         for t0 in range(0, n_t, T_BLOCK):
             t1 = min(n_t, t0 + T_BLOCK)
             for o in range(i * tr, i * tr + r):
                 acc[:] = 0
-                walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, w)
+                walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, w[0])
                 for t in range(t0, t1):
                     y[t, o] = tree(acc[t - t0], lanes)
 
-    @njit(cache=True, nogil=True)
-    def serial(banks, tb, to, geo, lane_cols, values, nested, offset, x, y):
-        xp = _lanes_of(x, lane_cols)
-        for i in range(tb.shape[0]):
-            row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i)
-
     @njit(cache=True, nogil=True, parallel=True)
-    def parallel(banks, tb, to, geo, lane_cols, values, nested, offset, x, y):
+    def matmul(banks, tb, to, geo, lane_cols, values, nested, offset, x, y):
         xp = _lanes_of(x, lane_cols)
         for i in prange(tb.shape[0]):  # row tiles are independent: any thread computes a row the same way
             row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i)
 
     @njit(cache=True, nogil=True)
     def rows(banks, tb, to, geo, lane_cols, values, nested, offset, ids, out):
-        w = np.zeros(geo[G_LANES], f32)
+        w = np.zeros((4, geo[G_LANES]), f32)
         lane_row, none = np.empty(lane_cols.size, f32), np.empty((0, 0), f32)
         for n in range(ids.size):
             walk(banks, tb, to, geo, values, nested, offset, ids[n], none, 0, 0, none, w, lane_row)
@@ -228,7 +230,65 @@ def _build(fam: int, bits: int, per: int, f0bits: int, f0float: bool, f1bits: in
                 if lane_cols[k] >= 0:
                     out[n, lane_cols[k]] = lane_row[k]
 
-    return serial, parallel, rows
+    return matmul, rows
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fold(a, h):
+    """a[k] += a[k + h] for k < h (called with a constant h: a fixed-length vector add)."""
+    for k in range(h):
+        a[k] += a[k + h]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def tree(a, lanes):
+    """The pairwise sum of a[:lanes] (the module doc's order); the usual group sizes unrolled."""
+    if lanes == 128:
+        _fold(a, 64)
+    if lanes >= 64 and lanes & (lanes - 1) == 0 and lanes <= 128:
+        _fold(a, 32)
+    if lanes >= 32 and lanes & (lanes - 1) == 0 and lanes <= 128:
+        _fold(a, 16)
+        _fold(a, 8)
+        _fold(a, 4)
+        _fold(a, 2)
+        _fold(a, 1)
+        return a[0]
+    n = lanes
+    while n > 1:
+        h = (n + 1) // 2
+        for k in range(n - h):
+            a[k] += a[k + h]
+        n = h
+    return a[0]
+
+
+@njit(cache=True, nogil=True)
+def _accumulate4(acc, w, xp, bases, t0, t1):
+    """_accumulate of four consecutive groups in one pass: each lane adds group 0's product, then 1's, 2's, 3's
+    (the order of four separate passes), with one load and store of the accumulators instead of four."""
+    lanes = w.shape[1]
+    w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+    b0, b1, b2, b3 = bases[0], bases[1], bases[2], bases[3]
+    for t in range(t0, t1):
+        a = acc[t - t0]
+        x0, x1 = xp[t, b0:b0 + lanes], xp[t, b1:b1 + lanes]
+        x2, x3 = xp[t, b2:b2 + lanes], xp[t, b3:b3 + lanes]
+        for k in range(lanes):
+            v = a[k] + w0[k] * x0[k]
+            v = v + w1[k] * x1[k]
+            v = v + w2[k] * x2[k]
+            a[k] = v + w3[k] * x3[k]
+
+
+@njit(cache=True, nogil=True)
+def _accumulate(acc, w, xp, base, t0, t1):
+    """acc[t - t0, lane] += w[lane] · xp[t, base + lane] for positions t0..t1 (one group's weights, reused)."""
+    lanes = w.size
+    for t in range(t0, t1):
+        a, xg = acc[t - t0], xp[t, base:base + lanes]
+        for k in range(lanes):
+            a[k] += w[k] * xg[k]
 
 
 @njit(cache=True, nogil=True)
@@ -247,19 +307,20 @@ _KERNELS: dict[tuple, tuple] = {}
 
 
 def _kernels(geo: np.ndarray) -> tuple:
-    key = (int(geo[G_FAM]), int(geo[G_BITS]), int(geo[G_PER]), int(geo[G_F0BITS]), bool(geo[G_F0FLOAT]),
-           int(geo[G_F1BITS]))
+    """The compiled kernels for a region: specialised for the hot kinds of code (whole affine or bitsandbytes
+    codes in a byte), the generic ones for the rest (raw floats, groups that split bytes)."""
+    fam, bits, per = int(geo[G_FAM]), int(geo[G_BITS]), int(geo[G_PER])
+    key = (fam, bits) if fam != RAW and (per > 1 or bits == 8) else (-1, 0)
     if key not in _KERNELS:
         _KERNELS[key] = _build(*key)
     return _KERNELS[key]
 
 
 def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
-           values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray, parallel: bool) -> np.ndarray:
-    """``x @ dequant(W)^T`` (float32 [T, out]); ``parallel`` spreads row tiles over numba's threads."""
+           values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray) -> np.ndarray:
+    """``x @ dequant(W)^T`` (float32 [T, out]), row tiles spread over numba's threads (numba.set_num_threads)."""
     y = np.empty((x.shape[0], int(geo[G_ROWS])), f32)
-    serial, par, _ = _kernels(geo)
-    (par if parallel else serial)(banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
+    _kernels(geo)[0](banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
     return y
 
 
@@ -267,5 +328,5 @@ def rows(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarra
          values: np.ndarray, nested: np.ndarray, offset: float, ids: np.ndarray) -> np.ndarray:
     """The dequantized rows ``ids`` (float32 [n, in]), bit for bit the codec's dequantization."""
     out = np.empty((ids.size, int(geo[G_COLS])), f32)
-    _kernels(geo)[2](banks, tb, to, geo, lane_cols, values, nested, offset, ids, out)
+    _kernels(geo)[1](banks, tb, to, geo, lane_cols, values, nested, offset, ids, out)
     return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from romac.codecs import QuantTensor, codec_for
 from romac.codecs.tiles import unpack_constants, unpack_tiles
-from romac.emulator import kernels as K
+import romac.emulator.kernels as K
 from romac.spec.formats import BNB_NESTED_BLOCKSIZE, STORAGES, WeightFormat
 from romac.spec.layout import CONSTANTS_SUFFIX, TileGrid, tile_index, tile_locations, tile_sizes
 from romac.spec.manifest import Manifest, bank_file
@@ -158,13 +158,13 @@ class Rom:
                                              self.word_bytes, self.constants(rid))
         return k
 
-    def matmul(self, rid: int, x: np.ndarray, parallel: bool = False) -> np.ndarray:
-        """``x @ W^T`` (float32 [T, out]) for matrix region rid, from its packed codes; ``parallel`` uses numba's
-        threads (numba.set_num_threads), with the same result bit for bit."""
+    def matmul(self, rid: int, x: np.ndarray) -> np.ndarray:
+        """``x @ W^T`` (float32 [T, out]) for matrix region rid, from its packed codes, on numba's threads
+        (numba.set_num_threads); the result does not depend on how many, bit for bit."""
         k = self.kernel(rid)
         x = np.ascontiguousarray(x, f32).reshape(-1, int(k.geo[K.G_COLS]))
         return K.matmul(self.bank_list, k.tile_bank, k.tile_offset, k.geo, k.lane_cols, k.values, k.nested,
-                        k.offset, x, parallel)
+                        k.offset, x)
 
     def rows(self, rid: int, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of matrix region rid (float32 [n, in]), equal to ``value(rid)[ids]`` bit for bit."""
