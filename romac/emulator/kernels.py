@@ -68,171 +68,6 @@ def _packed(bank, base, idx, bits):
     return (np.int64(bank[base + (pos >> 3)]) >> (8 - bits - (pos & 7))) & ((1 << bits) - 1)
 
 
-def _build(fam: int, bits: int):
-    """The kernels of one kind of code, (matmul, rows): ``fam``/``bits`` constants (the unpacking shifts are then
-    constants), or -1/0 for the generic kernels that read both, and everything else, from ``geo``."""
-    PER = 8 // bits if 0 < bits < 8 else 1
-
-    @njit(cache=True, nogil=True, inline="always")
-    def kind(geo):
-        """(family, code bits, codes a byte, whole codes a byte?) of the region."""
-        f = fam if fam >= 0 else geo[G_FAM]
-        b = bits if bits > 0 else geo[G_BITS]
-        p = PER if bits > 0 else geo[G_PER]
-        return f, b, p, f != RAW and (p > 1 or b == 8)
-
-    @njit(cache=True, nogil=True, inline="always")
-    def weight(q, s, z, values, f):
-        return s * (f32(q) - z) if f == AFFINE else values[q] * s
-
-    @njit(cache=True, nogil=True, inline="always")
-    def params(bank, pb0, pb1, g, blk, geo, nested, offset, f):
-        """(s, z) of group g of a tile row: affine (scale, zero), bitsandbytes (absmax, 0), raw (1, 0)."""
-        if f == RAW:
-            return f32(1), f32(0)
-        f0bits = geo[G_F0BITS]
-        if not geo[G_F0FLOAT]:  # bitsandbytes' 8-bit absmax codes, de-nested as codecs.bnb.denest_absmax does
-            s = _DYNAMIC[_packed(bank, pb0, g, f0bits)] * nested[blk // geo[G_NESTED]] + f32(offset)
-        elif f0bits == 16:
-            s = _half(bank, pb0 + 2 * g)
-        else:
-            s = bank[pb0 + 4 * g:pb0 + 4 * g + 4].view(np.float32)[0]
-        z = f32(_packed(bank, pb1, g, geo[G_F1BITS])) if f == AFFINE else f32(0)
-        return s, z
-
-    @njit(cache=True, nogil=True, inline="always")
-    def fill(bank, cb, gl, lanes, s, z, values, w, geo):
-        """w[lane] = the weights of one group of ``gl`` columns whose codes start at byte ``cb``."""
-        f, b, p, bytewise = kind(geo)
-        if bytewise:
-            st, mask = lanes // p, (1 << b) - 1
-            for j in range(p):  # with constant codes a byte: unrolled, each shift a constant
-                sh = 8 - b * (j + 1)
-                n = (gl - j + p - 1) // p
-                src, out = bank[cb:cb + n], w[j * st:j * st + n]
-                for i in range(n):
-                    out[i] = weight(np.int32((src[i] >> sh) & mask), s, z, values, f)  # int32: narrow lanes
-        elif f == RAW and b == 16:
-            for e in range(gl):
-                w[e] = _half(bank, cb + 2 * e)
-        elif f == RAW:
-            w[:gl] = bank[cb:cb + 4 * gl].view(np.float32)
-        else:  # groups that are not whole bytes: one code at a time
-            for e in range(gl):
-                w[e] = weight(_packed(bank, cb, e, b), s, z, values, f)
-
-    @njit(cache=True, nogil=True, inline="always")
-    def walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, out):
-        """Row ``o``, group by group in column order: the lanes of positions t0..t1 added into ``acc`` (or, with
-        ``xp`` empty, the row's weights in lane order written to ``out``). ``w`` holds the weights of up to
-        four groups, added in one pass over the accumulators (each lane's order kept)."""
-        rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
-        f, b = kind(geo)[:2]
-        i = o // tr
-        rr, r = o - i * tr, min(tr, rows - i * tr)
-        bases = np.zeros(4, np.int64)
-        held = 0
-        for j in range(tb.shape[1]):
-            bank, off = banks[tb[i, j]], to[i, j]
-            c = min(tc, cols - j * tc)
-            rbc = (c * b + 7) >> 3  # each part's rows are padded to whole bytes (romac.spec.layout)
-            ngc = (c + lanes - 1) // lanes
-            rb0 = (ngc * geo[G_F0BITS] + 7) >> 3
-            pb0 = off + r * rbc + rr * rb0
-            pb1 = off + r * rbc + r * rb0 + rr * ((ngc * geo[G_F1BITS] + 7) >> 3)
-            blk0 = (o * cols + j * tc) // lanes if f == BNB else 0  # bitsandbytes' flat block index
-            for g in range(ngc):
-                s, z = params(bank, pb0, pb1, g, blk0 + g, geo, nested, offset, f)
-                gl = min(lanes, c - g * lanes)
-                wg = w[held]
-                if gl < lanes:
-                    wg[:] = 0
-                fill(bank, off + rr * rbc + ((g * lanes * b) >> 3), gl, lanes, s, z, values, wg, geo)
-                bases[held] = j * tc + g * lanes
-                if xp.shape[0] == 0:
-                    out[bases[0]:bases[0] + lanes] = wg
-                    continue
-                held += 1
-                if held == 4:
-                    _accumulate4(acc, w, xp, bases, t0, t1)
-                    held = 0
-        for h in range(held):
-            _accumulate(acc, w[h], xp, bases[h], t0, t1)
-
-    @njit(cache=True, nogil=True, inline="always")
-    def one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc):
-        """acc[rr] = the lanes of row i·tr + rr for one position, tile by tile (each tile's bank looked up once),
-        each weight going straight into its product: the same values and order as ``walk``."""
-        rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
-        f, b, p, _ = kind(geo)
-        r, st, mask = min(tr, rows - i * tr), lanes // p, (1 << b) - 1
-        for j in range(tb.shape[1]):
-            bank, off = banks[tb[i, j]], to[i, j]
-            c = min(tc, cols - j * tc)
-            rbc = (c * b + 7) >> 3
-            ngc = (c + lanes - 1) // lanes
-            rb0, rb1 = (ngc * geo[G_F0BITS] + 7) >> 3, (ngc * geo[G_F1BITS] + 7) >> 3
-            for rr in range(r):
-                pb0 = off + r * rbc + rr * rb0
-                pb1 = off + r * rbc + r * rb0 + rr * rb1
-                blk0 = ((i * tr + rr) * cols + j * tc) // lanes if f == BNB else 0
-                for g in range(ngc):
-                    s, z = params(bank, pb0, pb1, g, blk0 + g, geo, nested, offset, f)
-                    gl = min(lanes, c - g * lanes)
-                    cb = off + rr * rbc + ((g * lanes * b) >> 3)
-                    base = j * tc + g * lanes
-                    # A partial group is run full length when its bytes exist: the extra lanes multiply finite
-                    # weights by x = 0 (lanes past the row's end) and add ±0 to lanes that hold +0, so nothing
-                    # changes, and the vector loop never drops to its scalar remainder.
-                    full = gl < lanes and cb + st <= bank.size and np.isfinite(s)
-                    for jj in range(p):
-                        sh = 8 - b * (jj + 1)
-                        n = st if full else (gl - jj + p - 1) // p
-                        src, xs = bank[cb:cb + n], xp[0, base + jj * st:base + jj * st + n]
-                        a = acc[rr, jj * st:jj * st + n]
-                        for k in range(n):
-                            a[k] += weight(np.int32((src[k] >> sh) & mask), s, z, values, f) * xs[k]
-
-    @njit(cache=True, nogil=True, inline="always")
-    def row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i):
-        """y[:, o] for the rows o of row tile i."""
-        rows, tr, lanes = geo[G_ROWS], geo[G_TR], geo[G_LANES]
-        n_t, r = xp.shape[0], min(geo[G_TR], rows - i * tr)
-        if n_t == 1 and kind(geo)[3]:
-            acc1 = np.zeros((r, lanes), f32)
-            one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc1)
-            for rr in range(r):
-                y[0, i * tr + rr] = tree(acc1[rr], lanes)
-            return
-        w = np.zeros((4, lanes), f32)
-        acc = np.empty((min(n_t, T_BLOCK), lanes), f32)
-        for t0 in range(0, n_t, T_BLOCK):
-            t1 = min(n_t, t0 + T_BLOCK)
-            for o in range(i * tr, i * tr + r):
-                acc[:] = 0
-                walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, w[0])
-                for t in range(t0, t1):
-                    y[t, o] = tree(acc[t - t0], lanes)
-
-    @njit(cache=True, nogil=True, parallel=True)
-    def matmul(banks, tb, to, geo, lane_cols, values, nested, offset, x, y):
-        xp = _lanes_of(x, lane_cols)
-        for i in prange(tb.shape[0]):  # row tiles are independent: any thread computes a row the same way
-            row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i)
-
-    @njit(cache=True, nogil=True)
-    def rows(banks, tb, to, geo, lane_cols, values, nested, offset, ids, out):
-        w = np.zeros((4, geo[G_LANES]), f32)
-        lane_row, none = np.empty(lane_cols.size, f32), np.empty((0, 0), f32)
-        for n in range(ids.size):
-            walk(banks, tb, to, geo, values, nested, offset, ids[n], none, 0, 0, none, w, lane_row)
-            for k in range(lane_cols.size):
-                if lane_cols[k] >= 0:
-                    out[n, lane_cols[k]] = lane_row[k]
-
-    return matmul, rows
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _fold(a, h):
     """a[k] += a[k + h] for k < h (called with a constant h: a fixed-length vector add)."""
@@ -241,7 +76,7 @@ def _fold(a, h):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def tree(a, lanes):
+def _tree(a, lanes):
     """The pairwise sum of a[:lanes] (the module doc's order); the usual group sizes unrolled."""
     if lanes == 128:
         _fold(a, 64)
@@ -264,6 +99,16 @@ def tree(a, lanes):
 
 
 @njit(cache=True, nogil=True)
+def _accumulate(acc, w, xp, base, t0, t1):
+    """acc[t - t0, lane] += w[lane] · xp[t, base + lane] for positions t0..t1 (one group's weights, reused)."""
+    lanes = w.size
+    for t in range(t0, t1):
+        a, xg = acc[t - t0], xp[t, base:base + lanes]
+        for k in range(lanes):
+            a[k] += w[k] * xg[k]
+
+
+@njit(cache=True, nogil=True)
 def _accumulate4(acc, w, xp, bases, t0, t1):
     """_accumulate of four consecutive groups in one pass: each lane adds group 0's product, then 1's, 2's, 3's
     (the order of four separate passes), with one load and store of the accumulators instead of four."""
@@ -282,16 +127,6 @@ def _accumulate4(acc, w, xp, bases, t0, t1):
 
 
 @njit(cache=True, nogil=True)
-def _accumulate(acc, w, xp, base, t0, t1):
-    """acc[t - t0, lane] += w[lane] · xp[t, base + lane] for positions t0..t1 (one group's weights, reused)."""
-    lanes = w.size
-    for t in range(t0, t1):
-        a, xg = acc[t - t0], xp[t, base:base + lanes]
-        for k in range(lanes):
-            a[k] += w[k] * xg[k]
-
-
-@njit(cache=True, nogil=True)
 def _lanes_of(x, lane_cols):
     """x [T, in] in lane order [T, groups · G] (0 past the row's end)."""
     xp = np.zeros((x.shape[0], lane_cols.size), f32)
@@ -301,6 +136,182 @@ def _lanes_of(x, lane_cols):
             if c >= 0:
                 xp[t, k] = x[t, c]
     return xp
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kind(geo, kc):
+    """(family, code bits, codes a byte, whole codes a byte?) of the region: the constants ``kc`` of a specialised
+    kernel, or (-1, 0, 0) to read them from ``geo``."""
+    f = kc[0] if kc[0] >= 0 else geo[G_FAM]
+    b = kc[1] if kc[1] > 0 else geo[G_BITS]
+    p = kc[2] if kc[1] > 0 else geo[G_PER]
+    return f, b, p, f != RAW and (p > 1 or b == 8)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _weight(q, s, z, values, f):
+    return s * (f32(q) - z) if f == AFFINE else values[q] * s
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _params(bank, pb0, pb1, g, blk, geo, nested, offset, f):
+    """(s, z) of group g of a tile row: affine (scale, zero), bitsandbytes (absmax, 0), raw (1, 0)."""
+    if f == RAW:
+        return f32(1), f32(0)
+    f0bits = geo[G_F0BITS]
+    if not geo[G_F0FLOAT]:  # bitsandbytes' 8-bit absmax codes, de-nested as codecs.bnb.denest_absmax does
+        s = _DYNAMIC[_packed(bank, pb0, g, f0bits)] * nested[blk // geo[G_NESTED]] + f32(offset)
+    elif f0bits == 16:
+        s = _half(bank, pb0 + 2 * g)
+    else:
+        s = bank[pb0 + 4 * g:pb0 + 4 * g + 4].view(np.float32)[0]
+    z = f32(_packed(bank, pb1, g, geo[G_F1BITS])) if f == AFFINE else f32(0)
+    return s, z
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fill(bank, rowb, e0, gl, lanes, s, z, values, w, geo, kc):
+    """w[lane] = the weights of the ``gl`` columns from column ``e0`` of a tile row whose codes start at byte
+    ``rowb`` (one group)."""
+    f, b, p, bytewise = _kind(geo, kc)
+    cb = rowb + ((e0 * b) >> 3)
+    if bytewise:
+        st, mask = lanes // p, (1 << b) - 1
+        for j in range(p):  # with constant codes a byte: unrolled, each shift a constant
+            sh = 8 - b * (j + 1)
+            n = (gl - j + p - 1) // p
+            src, out = bank[cb:cb + n], w[j * st:j * st + n]
+            for i in range(n):
+                out[i] = _weight(np.int32((src[i] >> sh) & mask), s, z, values, f)  # int32: narrow lanes
+    elif f == RAW and b == 16:
+        for e in range(gl):
+            w[e] = _half(bank, cb + 2 * e)
+    elif f == RAW:
+        w[:gl] = bank[cb:cb + 4 * gl].view(np.float32)
+    else:  # groups that are not whole bytes: one code at a time
+        for e in range(gl):
+            w[e] = _weight(_packed(bank, rowb, e0 + e, b), s, z, values, f)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, out, kc):
+    """Row ``o``, group by group in column order: the lanes of positions t0..t1 added into ``acc`` (or, with
+    ``xp`` empty, the row's weights in lane order written to ``out``). ``w`` holds the weights of up to
+    four groups, added in one pass over the accumulators (each lane's order kept)."""
+    rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
+    f, b = _kind(geo, kc)[:2]
+    i = o // tr
+    rr, r = o - i * tr, min(tr, rows - i * tr)
+    bases = np.zeros(4, np.int64)
+    held = 0
+    for j in range(tb.shape[1]):
+        bank, off = banks[tb[i, j]], to[i, j]
+        c = min(tc, cols - j * tc)
+        rbc = (c * b + 7) >> 3  # each part's rows are padded to whole bytes (romac.spec.layout)
+        ngc = (c + lanes - 1) // lanes
+        rb0 = (ngc * geo[G_F0BITS] + 7) >> 3
+        pb0 = off + r * rbc + rr * rb0
+        pb1 = off + r * rbc + r * rb0 + rr * ((ngc * geo[G_F1BITS] + 7) >> 3)
+        blk0 = (o * cols + j * tc) // lanes if f == BNB else 0  # bitsandbytes' flat block index
+        for g in range(ngc):
+            s, z = _params(bank, pb0, pb1, g, blk0 + g, geo, nested, offset, f)
+            gl = min(lanes, c - g * lanes)
+            wg = w[held]
+            if gl < lanes:
+                wg[:] = 0
+            _fill(bank, off + rr * rbc, g * lanes, gl, lanes, s, z, values, wg, geo, kc)
+            bases[held] = j * tc + g * lanes
+            if xp.shape[0] == 0:
+                out[bases[0]:bases[0] + lanes] = wg
+                continue
+            held += 1
+            if held == 4:
+                _accumulate4(acc, w, xp, bases, t0, t1)
+                held = 0
+    for h in range(held):
+        _accumulate(acc, w[h], xp, bases[h], t0, t1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc, kc):
+    """acc[rr] = the lanes of row i·tr + rr for one position, tile by tile (each tile's bank looked up once),
+    each weight going straight into its product: the same values and order as ``_walk``."""
+    rows, cols, tr, tc, lanes = geo[G_ROWS], geo[G_COLS], geo[G_TR], geo[G_TC], geo[G_LANES]
+    f, b, p, _ = _kind(geo, kc)
+    r, st, mask = min(tr, rows - i * tr), lanes // p, (1 << b) - 1
+    for j in range(tb.shape[1]):
+        bank, off = banks[tb[i, j]], to[i, j]
+        c = min(tc, cols - j * tc)
+        rbc = (c * b + 7) >> 3
+        ngc = (c + lanes - 1) // lanes
+        rb0, rb1 = (ngc * geo[G_F0BITS] + 7) >> 3, (ngc * geo[G_F1BITS] + 7) >> 3
+        for rr in range(r):
+            pb0 = off + r * rbc + rr * rb0
+            pb1 = off + r * rbc + r * rb0 + rr * rb1
+            blk0 = ((i * tr + rr) * cols + j * tc) // lanes if f == BNB else 0
+            for g in range(ngc):
+                s, z = _params(bank, pb0, pb1, g, blk0 + g, geo, nested, offset, f)
+                gl = min(lanes, c - g * lanes)
+                cb = off + rr * rbc + ((g * lanes * b) >> 3)
+                base = j * tc + g * lanes
+                # A partial group is run full length when its bytes exist: the extra lanes multiply finite
+                # weights by x = 0 (lanes past the row's end) and add ±0 to lanes that hold +0, so nothing
+                # changes, and the vector loop never drops to its scalar remainder.
+                full = gl < lanes and cb + st <= bank.size and np.isfinite(s)
+                for jj in range(p):
+                    sh = 8 - b * (jj + 1)
+                    n = st if full else (gl - jj + p - 1) // p
+                    src, xs = bank[cb:cb + n], xp[0, base + jj * st:base + jj * st + n]
+                    a = acc[rr, jj * st:jj * st + n]
+                    for k in range(n):
+                        a[k] += _weight(np.int32((src[k] >> sh) & mask), s, z, values, f) * xs[k]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i, kc):
+    """y[:, o] for the rows o of row tile i."""
+    rows, tr, lanes = geo[G_ROWS], geo[G_TR], geo[G_LANES]
+    n_t, r = xp.shape[0], min(geo[G_TR], rows - i * tr)
+    if n_t == 1 and _kind(geo, kc)[3]:
+        acc1 = np.zeros((r, lanes), f32)
+        _one_position(banks, tb, to, geo, values, nested, offset, xp, i, acc1, kc)
+        for rr in range(r):
+            y[0, i * tr + rr] = _tree(acc1[rr], lanes)
+        return
+    w = np.zeros((4, lanes), f32)
+    acc = np.empty((min(n_t, T_BLOCK), lanes), f32)
+    for t0 in range(0, n_t, T_BLOCK):
+        t1 = min(n_t, t0 + T_BLOCK)
+        for o in range(i * tr, i * tr + r):
+            acc[:] = 0
+            _walk(banks, tb, to, geo, values, nested, offset, o, xp, t0, t1, acc, w, w[0], kc)
+            for t in range(t0, t1):
+                y[t, o] = _tree(acc[t - t0], lanes)
+
+
+def _build(fam: int, bits: int):
+    """The kernels of one kind of code, (matmul, rows): ``fam``/``bits`` constants (the unpacking shifts are then
+    constants), or -1/0 for the generic kernels that read both, and everything else, from ``geo``. The closures
+    hold only these integers (numba caches them by value)."""
+    KC = (fam, bits, 8 // bits if 0 < bits < 8 else 1)
+
+    @njit(cache=True, nogil=True, parallel=True)
+    def matmul(banks, tb, to, geo, lane_cols, values, nested, offset, x, y):
+        xp = _lanes_of(x, lane_cols)
+        for i in prange(tb.shape[0]):  # row tiles are independent: any thread computes a row the same way
+            _row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i, KC)
+
+    @njit(cache=True, nogil=True)
+    def rows(banks, tb, to, geo, lane_cols, values, nested, offset, ids, out):
+        w = np.zeros((4, geo[G_LANES]), f32)
+        lane_row, none = np.empty(lane_cols.size, f32), np.empty((0, 0), f32)
+        for n in range(ids.size):
+            _walk(banks, tb, to, geo, values, nested, offset, ids[n], none, 0, 0, none, w, lane_row, KC)
+            for k in range(lane_cols.size):
+                if lane_cols[k] >= 0:
+                    out[n, lane_cols[k]] = lane_row[k]
+
+    return matmul, rows
 
 
 _KERNELS: dict[tuple, tuple] = {}
