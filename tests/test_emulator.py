@@ -17,14 +17,14 @@ TOL = 1e-5
 STEPS = 16
 
 
-def check(artifacts, model, adapter, prompt=(1, 17, 33, 60, 91)):
+def check(artifacts, model, adapter, prompt=(1, 17, 33, 60, 91), tol=TOL):
     m = Machine(artifacts, adapter=adapter)
     new, logits = m.generate(list(prompt), STEPS)
     assert len(new) == STEPS
     assert logits.shape == (len(prompt) + STEPS, model.config.vocab_size)
     golden = GoldenModel.of_artifacts(model, m.manifest, adapter=adapter)
     ref = golden.logits(list(prompt) + new)
-    assert relative_error(logits, ref) <= TOL
+    assert relative_error(logits, ref) <= tol
     p = len(prompt)
     assert new == [int(t) for t in ref[p - 1 : p - 1 + STEPS].argmax(-1)]
     return new, logits
@@ -59,7 +59,11 @@ def test_sram_precisions(compile_small, lora, kv):
     target = dataclasses.replace(load_target("tiny"), lora=lora, kv_cache=kv)
     model = small_model(small_config(), adapters=1)
     out = compile_small(model, target=target)
-    check(out, model, "ad0")
+    # An fp16 KV cache rounds every cached K and V to fp16 in the emulator (from float32) and in the golden model
+    # (from float64): an element within float32 rounding of an fp16 rounding midpoint lands one fp16 step
+    # (2**-11 relative) apart, and a few of the 5,376 cached elements do (seen: 4-98 per run, up to 6.8e-5 logit
+    # error with either kernel over six seeds). So that comparison holds to fp16, not float32, rounding.
+    check(out, model, "ad0", tol=2.0 ** -11 if kv == "fp16" else TOL)
 
 
 def test_prefill_equals_token_by_token(compile_small):
@@ -84,14 +88,27 @@ def test_context_overflow_is_a_clear_error(compile_small):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_split_matvec_bit_identical(compile_small, threads):
-    """threads > 1 splits decode products over helper threads; the logits must not change by a bit."""
-    model = small_model(small_config(vocab_size=256), adapters=1)  # every width a multiple of 64: all split
+def test_threads_bit_identical(compile_small, threads):
+    """threads > 1 spreads the native products over numba's threads; the logits must not change by a bit."""
+    model = small_model(small_config(vocab_size=256), adapters=1)
     out = compile_small(model)
     prompt = [5, 17, 29, 41]
     want_new, want = Machine(out, adapter="ad0").generate(prompt, 6)
     m = Machine(out, adapter="ad0", threads=threads)
-    m.split_bytes = 0  # split every product, whatever its size
+    m.parallel_weights = 0  # every product parallel, whatever its size
     new, got = m.generate(prompt, 6)
     assert new == want_new
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_native_and_numpy_kernels_agree(compile_small, fmt):
+    """The native kernels against the numpy definition (decode, then BLAS), on a whole model: same greedy
+    tokens, logits within float32 rounding of each other."""
+    model = small_model(small_config(), adapters=1)
+    out = compile_small(model, options=CompileOptions(quant=fmt, quant_embedding=fmt))
+    prompt = [1, 17, 33, 60, 91]
+    new, native = Machine(out, adapter="ad0").generate(prompt, 8)
+    ref_new, ref = Machine(out, adapter="ad0", kernel="numpy").generate(prompt, 8)
+    assert new == ref_new
+    assert relative_error(native, ref) <= TOL

@@ -303,7 +303,9 @@ def test_low_precision_kv_cache_double_rounding(tmp_path):
                        (random_adapter(config, "ad", seed=0, rank=1, modules=("q_proj",)),), source={"kind": "test"})
     target = dataclasses.replace(load_target("tiny"), kv_cache="fp16")
     compile_model(model, tmp_path / "out", target, CompileOptions(quant="int2", quant_embedding="fp16", max_context=32))
-    m = Machine(tmp_path / "out")
+    # Found with the numpy kernel's summation order (decode, then BLAS); the native kernels' order puts this V on the
+    # golden model's side of the midpoint (and others across it: tests/test_emulator.py::test_sram_precisions).
+    m = Machine(tmp_path / "out", kernel="numpy")
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 40, 5)]
     new, logits = m.generate(prompt, 4)
     ref = GoldenModel.of_artifacts(model, m.manifest).logits(prompt + new)

@@ -7,12 +7,10 @@ decode: one token), appending their K and V to the cache in SRAM and returning t
 
 from __future__ import annotations
 
-import queue
-import threading
-import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
@@ -26,30 +24,18 @@ from romac.spec.formats import element_format
 from romac.spec.manifest import PROGRAM_BIN
 
 
-def _helper(jobs: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
-    """A helper thread: computes ``out = x @ w`` blocks until it is handed None (numpy releases the GIL)."""
-    while (job := jobs.get()) is not None:
-        x, w, out = job
-        try:
-            np.matmul(x, w, out=out)
-            done.put(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
-            done.put(e)
-
-
-def _stop_helpers(helpers: list) -> None:
-    for jobs, _ in helpers:
-        jobs.put(None)
+#: how a Machine computes with its matrices: "native" from the packed codes (romac.emulator.kernels), "numpy" by
+#: decoding each matrix to float32 once and multiplying with BLAS (the readable definition, tests compare them)
+KERNELS = ("native", "numpy")
 
 
 class Machine:
-    #: With threads > 1, single-position products over at least this many bytes of weights are split. Each
-    #: split costs a hand-off (tens of µs, more when the helper has to wait for a core), so only products that
-    #: stream for milliseconds are worth it: SmolLM2's 113 MB head, not its 1-4 MB projections (measured in
-    #: docs/performance.md).
-    split_bytes = 16 << 20
+    #: With threads > 1, products over at least this many multiply-adds are spread over numba's threads; smaller
+    #: ones run on the calling thread alone (a parallel launch costs a hand-off: docs/performance.md).
+    parallel_weights = 1 << 20
 
-    def __init__(self, artifacts: str | Path, adapter: str | None = None, threads: int = 1) -> None:
+    def __init__(self, artifacts: str | Path, adapter: str | None = None, threads: int = 1,
+                 kernel: str = "native") -> None:
         self.manifest = open_artifacts(artifacts)
         root = Path(self.manifest.root)
         self.config = self.manifest.model
@@ -57,6 +43,9 @@ class Machine:
             if element_format(self.manifest.target[part]).dtype is not np.float32:
                 raise RomacError(f"the target's {part} precision is {self.manifest.target[part]}; this emulator "
                                  "computes in fp32", where=str(root))
+        if kernel not in KERNELS:
+            raise RomacError(f"unknown kernel {kernel!r}", where="kernel", hint=f"one of {', '.join(KERNELS)}")
+        self.kernel = kernel
         self.rom = Rom(root, self.manifest)
         self.sram = Sram(root, self.manifest)
         self.program = isa.decode((root / PROGRAM_BIN).read_bytes(), source=str(root / PROGRAM_BIN))
@@ -68,15 +57,14 @@ class Machine:
         self.buf: dict[int, np.ndarray] = {}
         self.pos0 = 0
         self.sram.load_adapter(adapter)
-        # Threads per step. BLAS always runs with one: OpenBLAS' spinning threads make small matrix-vector
-        # products many times slower whenever another process holds a core (measured: docs/performance.md).
-        # With threads > 1, decode steps split their large matrix-vector products by output columns over
-        # that many threads of their own (threads - 1 helpers that block, never spin, while idle).
+        # Threads: numba's, for the native products (the result does not depend on them). BLAS always runs with
+        # one: OpenBLAS' spinning threads make small products many times slower whenever another process holds a
+        # core (measured: docs/performance.md).
         if threads < 1:
             raise RomacError(f"threads must be at least 1, not {threads}", where="threads")
         self.threads = threads
+        self._numba_threads = 0
         self._blas = ThreadpoolController()
-        self._helpers: list[tuple[queue.SimpleQueue, queue.SimpleQueue]] = []
 
     @property
     def adapter(self) -> str | None:
@@ -87,46 +75,32 @@ class Machine:
         return self.config["vocab_size"]
 
     def weight_t(self, rid: int) -> np.ndarray:
-        """W^T of a matrix region, decoded once (row-vector activations multiply it from the left).
-
-        Kept only in this [in, out] C-contiguous layout (the ROM's decode cache does not keep the [out, in]
-        copy too, unless an EMBED reads the same region): ``x @ W^T`` is then one BLAS sgemv over contiguous
-        columns, the faster of the two layouts for matrices that stream from memory (docs/performance.md).
-        """
+        """W^T of a matrix region decoded to float32 [in, out] once (the numpy kernel only)."""
         w = self._weights_t.get(rid)
         if w is None:
             w = self._weights_t[rid] = np.ascontiguousarray(self.rom.value(rid, cache=False).T)
         return w
 
     def matmul_wt(self, x: np.ndarray, rid: int) -> np.ndarray:
-        """``x @ W^T`` for a matrix region: one BLAS call, or with ``threads > 1`` and a single position, column
-        blocks of it computed at once by the helper threads and this one.
+        """``x @ W^T`` for a matrix region: from the packed codes (native), or decoded and BLAS (numpy)."""
+        if self.kernel == "numpy":
+            return x @ self.weight_t(rid)
+        shape = self.manifest.regions[rid].shape
+        self._use_threads(self.threads if shape[0] * shape[1] * x.shape[0] >= self.parallel_weights else 1)
+        return self.rom.matmul(rid, x)
 
-        Only widths that are multiples of 64 are split, into blocks of multiples of 64: OpenBLAS' sgemv then
-        computes each output exactly as the single call does, so the result does not depend on ``threads``
-        (tests/test_emulator.py checks it bit for bit; other widths can differ in the last bit). Prefill
-        (several positions) is never split: a matrix-matrix product's summation order may depend on its width.
-        """
-        w_t = self.weight_t(rid)
-        if self.threads == 1 or x.shape[0] != 1 or w_t.nbytes < self.split_bytes or w_t.shape[1] % 64:
-            return x @ w_t
-        n = w_t.shape[1]
-        cuts = [min(n, (n * k // self.threads) // 64 * 64) for k in range(self.threads + 1)]
-        cuts[-1] = n
-        if not self._helpers:
-            for _ in range(self.threads - 1):
-                pair = (queue.SimpleQueue(), queue.SimpleQueue())
-                threading.Thread(target=_helper, args=pair, name="romac-emulator-helper", daemon=True).start()
-                self._helpers.append(pair)
-            weakref.finalize(self, _stop_helpers, list(self._helpers))
-        y = np.empty((1, n), np.float32)
-        for (jobs, _), lo, hi in zip(self._helpers, cuts, cuts[1:]):
-            jobs.put((x, w_t[:, lo:hi], y[:, lo:hi]))
-        np.matmul(x, w_t[:, cuts[-2]:], out=y[:, cuts[-2]:])
-        errors = [e for _, done in self._helpers if (e := done.get()) is not None]
-        if errors:
-            raise errors[0]
-        return y
+    def _use_threads(self, n: int) -> None:
+        """numba's thread count for the next products (a per-thread setting, capped by NUMBA_NUM_THREADS)."""
+        n = min(n, numba.config.NUMBA_NUM_THREADS)
+        if n != self._numba_threads:
+            numba.set_num_threads(n)
+            self._numba_threads = n
+
+    def embed_rows(self, rid: int, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of a matrix region (EMBED): read from the codes of those rows only (native)."""
+        if self.kernel == "numpy":
+            return self.rom.value(rid)[ids]
+        return self.rom.rows(rid, ids)
 
     def rope_tables(self, rid: int, t: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin [t, head_dim] at positions pos0 .. pos0+t-1 (angles in float64, like the golden model).
@@ -168,6 +142,7 @@ class Machine:
                 hint="recompile with a larger --max-context, or ask for fewer tokens",
             )
         self.buf = {isa.Buf.TOK: ids}
+        self._numba_threads = 0  # unknown: another Machine on this thread may have changed it
         with self._blas.limit(limits=1, user_api="blas"):
             for handler, instr in self._handlers:
                 handler(self, instr)

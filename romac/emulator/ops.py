@@ -18,8 +18,7 @@ from romac.spec.isa import FLAG_ACCUMULATE, FLAG_CORRECTION, Instr, Opcode, bits
 
 
 def embed(m, i: Instr) -> None:
-    table = m.rom.value(i.a)
-    m.buf[i.dst] = table[m.buf[i.src0]]
+    m.buf[i.dst] = m.embed_rows(i.a, m.buf[i.src0])
 
 
 def rmsnorm(m, i: Instr) -> None:
