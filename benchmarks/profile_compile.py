@@ -36,6 +36,8 @@ SPY_STAGES = [  # (stage, frame pattern)
     ("report, manifest", r"build_report|seal_manifest|_manifest"),
     ("passes", r"run_pipeline|romac/passes"),
     ("imports", r"_find_and_load"),
+    ("waiting: idle worker threads", r"_worker \(concurrent/futures/thread\.py"),
+    ("waiting: threads on a lock / the writer on a result", r"Condition\.|Future\.result"),
 ]
 
 CPU_STAGES = [  # (module, attribute path, stage)
