@@ -10,6 +10,12 @@ PEFT adapter on all seven projections; 6.4 GB and 16 GB) into --work and reuses 
 (the 8B must stay under 1 GiB), what the chip holds, and the performance model's prediction read back from the
 artifact directory. The artifact directories are deleted afterwards unless --keep.
 
+``--verify`` then checks what each compile holds, as a user would, each under ``/usr/bin/time -v``: ``romac run``
+(an 8-token prompt, ``--new-tokens`` greedy tokens, the adapter resident) and ``romac verify --model --adapter``
+(emulator against the streaming float64 golden model and the FP32 reference, ``--verify-steps`` greedy steps, the
+base and the adapter); it prints wall time, peak RSS, the relative logit error and whether the greedy tokens agree,
+and fails if a verify fails or passes the issue's limits (20 minutes, 6 GiB).
+
 A/B: each ``--python LABEL=COMMAND`` is an interpreter with its own romac installed (e.g. a venv of an older
 commit), or a command that ends in one (``"numpy=env ROMAC_NATIVE=0 python"``); with ``--repeat N`` the labels
 take turns N times (so that the machine's load hits them alike), every row is printed, then the median per
@@ -38,6 +44,9 @@ from synthetic import config_for, write_adapter, write_checkpoint  # noqa: E402
 
 WORKLOADS = {"llama-3.2-3b": "roma-3b-w4", "llama-3-8b": "roma-8b-w2"}
 RSS_LIMIT_GIB = 1.0
+#: what `romac verify` of each ROMA workload must stay within on this machine (issue 12)
+VERIFY_LIMIT_S, VERIFY_RSS_LIMIT_GIB = 20 * 60, 6.0
+PROMPT_IDS = "1,15,263,1024,4096,77,9000,31"
 
 
 def ensure_checkpoint(model: str, work: Path) -> Path:
@@ -50,12 +59,12 @@ def ensure_checkpoint(model: str, work: Path) -> Path:
     return src
 
 
-def timed(cmd: list[str]) -> tuple[float, float, float, str]:
+def timed(cmd: list[str], check: bool = True) -> tuple[float, float, float, str]:
     """(wall seconds, CPU seconds, peak RSS GiB, stdout) of a command run under /usr/bin/time -v."""
     # run from / : ``python -m`` puts the working directory first on sys.path, and a source tree there would
     # shadow the interpreter's own romac
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd="/")
-    if proc.returncode:
+    if proc.returncode and check:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
     seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
@@ -77,6 +86,48 @@ def digests(root: Path) -> dict[str, str]:
     return out
 
 
+def run_and_verify(model: str, target: str, exe: str, src: Path, out: Path, args) -> dict:
+    """`romac run` and `romac verify` of one compile, timed; what verify found, from its JSON."""
+    romac = [*shlex.split(exe), "-m", "romac.cli"]
+    print(f"romac run {model} ({args.new_tokens} new tokens) ...", file=sys.stderr, flush=True)
+    run_s, run_cpu, run_rss, run_out = timed([*romac, "run", str(out), "--adapter", "chat", "--prompt-ids", PROMPT_IDS,
+                                              "--max-new-tokens", str(args.new_tokens)])
+    print(f"romac verify {model} ({args.verify_steps} steps, base and adapter) ...", file=sys.stderr, flush=True)
+    ver_s, ver_cpu, ver_rss, ver_out = timed([*romac, "verify", str(out), "--model", str(src / "base"), "--adapter",
+                                              f"chat={src / 'adapter'}", "--steps", str(args.verify_steps), "--json"],
+                                             check=False)
+    try:
+        found = json.loads(ver_out)
+    except json.JSONDecodeError:
+        sys.exit(f"romac verify {model} printed no result:\n{ver_out[-2000:]}")
+    return dict(model=model, target=target, run=(run_s, run_cpu, run_rss, run_out.strip()),
+                verify=(ver_s, ver_cpu, ver_rss), checks=found)
+
+
+def print_checks(checks: list[dict]) -> None:
+    print(f"\n| model | target | `romac run` wall s | run peak RSS GiB | `romac verify` wall s | verify CPU s "
+          f"| verify peak RSS GiB | adapter | rel. logit error | greedy tokens | top-1 vs FP32 | FP32 reference | result |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- |")
+    failed = []
+    for c in checks:
+        (rs, _, rr, _), (vs, vc, vr) = c["run"], c["verify"]
+        within = vs <= VERIFY_LIMIT_S and vr <= VERIFY_RSS_LIMIT_GIB
+        for k in c["checks"]:
+            same = sum(a == b for a, b in zip(k["tokens"], k["golden_tokens"]))
+            onnx = k.get("onnx") or {}
+            ok = k["passed"] and within
+            failed += [] if ok else [c["model"]]
+            print(f"| {c['model']} | {c['target']} | {rs:.0f} | {rr:.2f} | {vs:.0f} | {vc:.0f} | {vr:.2f} | "
+                  f"{k['adapter'] or '(none)'} | {k['relative_error']:.2e} | {same}/{len(k['golden_tokens'])} | "
+                  f"{100 * onnx.get('top1_agreement', float('nan')):.1f}% | {onnx.get('reference', '-')} | "
+                  f"{'ok' if ok else 'FAIL'} |")
+    for c in checks:
+        print(f"{c['model']}: romac run generated {c['run'][3]}")
+    if failed:
+        sys.exit(f"verify failed or exceeded {VERIFY_LIMIT_S // 60} min / {VERIFY_RSS_LIMIT_GIB} GiB: "
+                 f"{', '.join(sorted(set(failed)))}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/romac-bench"))
@@ -85,9 +136,12 @@ def main() -> None:
     ap.add_argument("--python", action="append", default=None, metavar="LABEL=COMMAND",
                     help="compile with this interpreter (repeatable: an A/B comparison); default: this one")
     ap.add_argument("--repeat", type=int, default=1, help="rounds (the interpreters take turns in each)")
+    ap.add_argument("--verify", action="store_true", help="also `romac run` and `romac verify` each compile")
+    ap.add_argument("--new-tokens", type=int, default=4, help="greedy tokens of the `romac run` step")
+    ap.add_argument("--verify-steps", type=int, default=16, help="greedy steps `romac verify` compares")
     args = ap.parse_args()
     pythons = [tuple(p.split("=", 1)) for p in args.python] if args.python else [("romac", sys.executable)]
-    rows, sums = [], {}
+    rows, sums, checks = [], {}, []
     for model in args.model or list(WORKLOADS):
         target = WORKLOADS[model]
         src = ensure_checkpoint(model, args.work)
@@ -106,6 +160,8 @@ def main() -> None:
                 report = json.loads((out / "report.json").read_text())
                 sums.setdefault(model, {})[f"{label} #{rnd + 1}"] = digests(out)
                 rows.append((model, target, label, params, seconds, cpu, rss, report))
+        if args.verify:
+            checks.append(run_and_verify(model, target, pythons[-1][1], src, out, args))
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     print("| model (synthetic, real shapes) | target | romac | parameters | wall s | Mparam/s | CPU s | peak RSS GiB "
@@ -136,6 +192,8 @@ def main() -> None:
               + (f"DIFFERENT BYTES in {', '.join(differ)} (vs {first[0]})" if differ else "every file byte-identical"))
         if differ:
             sys.exit(1)
+    if checks:
+        print_checks(checks)
     over = sorted({r[0] for r in rows if r[6] > RSS_LIMIT_GIB})
     if over:
         sys.exit(f"peak RSS above {RSS_LIMIT_GIB} GiB: {', '.join(over)}")

@@ -217,6 +217,62 @@ def run_anchor(python: Path, script: str, model_dir: Path, cal: np.ndarray, bits
         return load_file(str(out))
 
 
+# ------------------------------------------------------------------------------------------- AWQ-style scaling
+AWQ_RATIOS = np.linspace(0.0, 1.0, 11)
+
+
+def awq_input_groups(names) -> list[list[str]]:
+    """The projections of each layer that read the same input, so share one input scaling: q/k/v (folded into
+    input_layernorm's gain), gate/up (post_attention_layernorm), o (folded into v_proj's rows), down (up_proj's)."""
+    layers: dict[str, dict[str, str]] = {}
+    for n in names:
+        layer, module = n.split("layers.")[1].split(".")[0], n.rsplit(".", 1)[-1]
+        layers.setdefault(layer, {})[module] = n
+    sets = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+    return [[mods[m] for m in group] for mods in layers.values() for group in sets]
+
+
+def awq_channel_scale(hessian: np.ndarray, tensor: str, cfg) -> np.ndarray:
+    """Each input channel's RMS on the calibration text (sqrt diag H). o_proj's input is attention output, scaled
+    through v_proj's rows: the query heads that share a KV head must share its scales (grouped-query attention)."""
+    d = np.sqrt(np.maximum(np.diag(hessian), 1e-20))
+    if tensor.endswith("o_proj") and cfg.num_heads != cfg.num_kv_heads:
+        hd, per = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        tied = d.reshape(cfg.num_kv_heads, per, hd).mean(axis=1)
+        d = np.repeat(tied[:, None, :], per, axis=1).reshape(-1)
+    return d
+
+
+def awq_dequantized(quantizer: str, fp: dict, hess: dict, bits: int, cfg) -> tuple[dict, list[float]]:
+    """AWQ-style activation-aware scaling (Lin et al., AutoAWQ's ``_search_best_scale``): per input group, scales
+    ``s = rms(x)^a`` normalised by ``sqrt(max s · min s)``, ``a`` searched on a grid by the group's activation-weighted
+    RTN error; then ``quantizer`` on ``W·diag(s)`` (its Hessian ``H / s sᵀ``), dequantized and divided by ``s``. That
+    is what folding ``1/s`` into the preceding RMSNorm gain (or v/up rows) and ``s`` into the matrix computes; the
+    row scalings of v_proj / up_proj it implies leave their per-row affine codes unchanged (scale and zero scale
+    with the row), so they are taken as free. Returns the dequantized projections and the chosen ratios."""
+    opts = default_options(quantizer, bits)
+    out, ratios = {}, []
+    for group in awq_input_groups(list(fp)):
+        d = awq_channel_scale(hess[group[0]], group[0], cfg)
+        best = None
+        for a in AWQ_RATIOS:
+            sc = d ** a
+            sc = sc / np.sqrt(sc.max() * sc.min())
+            err = 0.0
+            for n in group:
+                q = dequantize(quantize_matrix("rtn", fp[n] * sc, bits, 128), 128) / sc
+                err += weighted_error(fp[n] - q, hess[n])
+            if best is None or err < best[0]:
+                best = (err, a, sc)
+        _, a, sc = best
+        ratios.append(float(a))
+        for n in group:
+            h = hess[n] / np.outer(sc, sc) if quantizer in ("gptq", "mse") else None
+            ws = np.ascontiguousarray(fp[n] * sc, np.float32)
+            out[n] = (dequantize(quantize_matrix(quantizer, ws, bits, 128, hessian=h, **opts), 128) / sc).astype(np.float32)
+    return out, ratios
+
+
 # ------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -282,17 +338,24 @@ def main() -> None:
     for bits, qz, ranks in sweep:
         if True:
             c0 = time.process_time()
-            opts = default_options(qz, bits)
-            deq = {n: dequantize(quantize_matrix(qz, fp[n], bits, 128, hessian=hess[n] if qz in ("gptq", "mse") else None,
-                                                 **opts), 128) for n in ev.proj}
+            awq_note = ""
+            if qz.startswith("awq-"):
+                deq, ratios = awq_dequantized(qz[4:], fp, hess, bits, ir.config)
+                awq_note = f"; ratio p10/50/90 {np.percentile(ratios, [10, 50, 90]).round(1).tolist()}"
+            else:
+                opts = default_options(qz, bits)
+                deq = {n: dequantize(quantize_matrix(qz, fp[n], bits, 128, hessian=hess[n] if qz in ("gptq", "mse") else None,
+                                                     **opts), 128) for n in ev.proj}
             q_cpu = time.process_time() - c0
             c0 = time.process_time()
             ilp = args.ilp_rank and qz == "gptq" and bits == 2
             fit_ranks = sorted(set(ranks) | (set(ILP_RANKS) if ilp else set()))
             nested = {n: fit_lowrank_nested(fp[n] - deq[n], fit_ranks, hess[n]) for n in ev.proj}
             c_cpu = time.process_time() - c0
-            label = {"rtn": "RTN", "mse": "MSE range search (diag-H weighted)", "hqq": "HQQ zero solver (integer zero)",
-                     "gptq": "GPTQ (diag-H weighted MSE group fit" + (", act-order)" if bits == 2 else ")")}.get(qz, qz)
+            names = {"rtn": "RTN", "mse": "MSE range search (diag-H weighted)", "hqq": "HQQ zero solver (integer zero)",
+                     "gptq": "GPTQ (diag-H weighted MSE group fit" + (", act-order)" if bits == 2 else ")")}
+            label = (f"AWQ-style scales (shared per input{awq_note}) + {names.get(qz[4:], qz[4:])}"
+                     if awq_note else names.get(qz, qz))
             for r in ranks:
                 corrs = {n: nested[n][r] for n in ev.proj} if r else None
                 m = ev.metrics(deq, corrs)

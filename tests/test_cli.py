@@ -121,3 +121,22 @@ def test_plan_json_shows_the_whole_plan(capsys, tmp_path):
     assert plan["bank_words_used"] == manifest["banks"]["used_words"]
     assert plan["program"][-1].split()[1] == "halt"
     assert (tmp_path / "out" / "program.asm").read_text().splitlines() == plan["program"]
+
+
+def test_out_of_memory_says_how_much_and_what_to_change(tmp_path, capsys, monkeypatch):
+    """A failed allocation ends in one line naming the command, what numpy could not allocate, what the process
+    has, and what to change; exit 2, no traceback."""
+    from romac.emulator import Machine
+    from tests.clirun import assert_one_line_error, run_main
+
+    out = tmp_path / "out"
+    assert run_main(capsys, "compile", "--out", out, "-q").returncode == 0
+
+    def greedy(self, prompt, steps, stop=None):
+        return np.empty((1 << 30, 1 << 22), np.float32)  # 16 PiB: numpy's own MemoryError, whatever the machine
+
+    monkeypatch.setattr(Machine, "generate", greedy)
+    res = run_main(capsys, "run", out, "--prompt-ids", "1,2", "--max-new-tokens", "2")
+    line = assert_one_line_error(res, "out of memory in 'romac run'", "an allocation of 16.0 PiB failed",
+                                 "GiB available", "--max-new-tokens")
+    assert "Traceback" not in res.stderr, line

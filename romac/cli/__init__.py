@@ -7,6 +7,8 @@ A failed verification exits with 1.
 
 from __future__ import annotations
 
+import re
+import resource
 import sys
 
 import click
@@ -40,11 +42,47 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("romac: interrupted", err=True)
         sys.exit(130)
-    except MemoryError:
+    except MemoryError as e:
         if debug:
             raise
-        click.echo("romac: error: out of memory", err=True)
+        click.echo(f"romac: error: {out_of_memory(e, args)}", err=True)
         sys.exit(2)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _available_bytes() -> int | None:
+    """What the kernel says a new allocation can still get (MemAvailable), if it says."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def out_of_memory(error: MemoryError, args: list[str]) -> str:
+    """The one line for a failed allocation: which command, how much it asked for (numpy says), what this process
+    may have (the address-space limit, the memory available), and what to change."""
+    command = next((a for a in args if not a.startswith("-")), "romac")
+    asked = re.search(r"allocate ([\d.]+ [KMGTPE]?i?B)", str(error))
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    have = [f"{_gib(limit)} address-space limit (ulimit -v)"] if limit != resource.RLIM_INFINITY else []
+    available = _available_bytes()
+    if available is not None:
+        have.append(f"{_gib(available)} available")
+    needed = f"an allocation of {asked.group(1)} failed" if asked else "an allocation failed"
+    what = {"compile": "compile streams one matrix at a time: the largest matrix and its tiles must fit",
+            "run": "the emulator maps the ROM and holds SRAM, the KV cache and the activations: a shorter prompt or "
+                   "--max-new-tokens needs less",
+            "verify": "verify streams the weights a chunk at a time and holds the whole sequence's activations: fewer "
+                      "--steps or a shorter --prompt-ids needs less"}.get(command, "")
+    return (f"out of memory in 'romac {command}': {needed}" + (f" ({', '.join(have)})" if have else "")
+            + f"; free memory or raise the limit" + (f" ({what})" if what else "") + "; --debug shows where")
 
 
 if __name__ == "__main__":
