@@ -24,7 +24,7 @@ from romac.spec.manifest import Manifest
 from romac.frontend import attach_adapters, load_model
 from romac.ir import ArrayWeight, LoraAdapter, Model
 from romac.onnx_reference import compare_with_onnx
-from romac.reference import GoldenModel, relative_error
+from romac.reference import GoldenModel, KvRounding, relative_error
 
 #: float64 bytes of dequantized weights the golden model keeps across adapters; above, it streams them per pass
 KEEP_WEIGHTS_BYTES = 2 << 30
@@ -40,6 +40,8 @@ class AdapterCheck:
     golden_tokens: list[int]
     tolerance: float
     onnx: dict = field(default_factory=dict)
+    kv_ties: int = 0       # K/V elements where the golden model took the chip's rounding at a tie (reference.KvRounding)
+    kv_elements: int = 0
 
     @property
     def tokens_match(self) -> bool:
@@ -151,10 +153,11 @@ def verify(
         machine.reset(adapter=name)
         new, logits = machine.generate(prompt, steps)
         seq = prompt + new
+        kv = KvRounding(manifest.sram.kv.format, machine.sram.kv_snapshot(len(seq)), tolerance)
         base = base or GoldenModel.of_artifacts(chip, manifest, keep_weights=keep)
         golden = base.with_adapter(name)  # kept base weights are dequantized once for every adapter
         say(f"golden model: {label}, {len(seq)} positions in one pass over the weights")
-        ref = golden.logits(seq, progress="golden model" if progress else None)
+        ref = golden.logits(seq, progress="golden model" if progress else None, kv=kv)
         p = len(prompt)
         check = AdapterCheck(
             adapter=name,
@@ -162,6 +165,8 @@ def verify(
             tokens=new,
             golden_tokens=[int(t) for t in np.argmax(ref[p - 1 : p - 1 + len(new)], axis=-1)],
             tolerance=tolerance,
+            kv_ties=kv.ties,
+            kv_elements=kv.elements,
         )
         if with_onnx:
             say(f"FP32 reference: {label}")

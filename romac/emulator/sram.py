@@ -93,6 +93,10 @@ class Sram:
         if self._kv_f32 is not self.kv:
             self._kv_f32[layer, :, pos0:end] = self.kv[layer, :, pos0:end]
 
+    def kv_snapshot(self, end: int) -> np.ndarray:
+        """A float32 copy of the whole cache's positions [0, end): [layers, K/V, end, kv_dim], as stored."""
+        return np.array(self._kv_f32[:, :, :end], np.float32)
+
     def read_kv(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """K and V of positions [0, end) as float32 [end, kv_dim] (read-only views: do not write to them)."""
         return self._kv_f32[layer, 0, :end], self._kv_f32[layer, 1, :end]
