@@ -13,8 +13,9 @@ artifact directory. The artifact directories are deleted afterwards unless --kee
 ``--verify`` then checks what each compile holds, as a user would, each under ``/usr/bin/time -v``: ``romac run``
 (an 8-token prompt, ``--new-tokens`` greedy tokens, the adapter resident) and ``romac verify --model --adapter``
 (emulator against the streaming float64 golden model and the FP32 reference, ``--verify-steps`` greedy steps, the
-base and the adapter); it prints wall time, peak RSS, the relative logit error and whether the greedy tokens agree,
-and fails if a verify fails or passes the issue's limits (20 minutes, 6 GiB).
+base and the adapter), then the emulator's greedy decode rate (``--decode-tokens`` steps after the prompt, one and
+two threads); it prints wall time, peak RSS, the relative logit error, whether the greedy tokens agree and the
+decode rate, and fails if a verify fails or passes the issue's limits (20 minutes, 6 GiB).
 
 A/B: each ``--python LABEL=COMMAND`` is an interpreter with its own romac installed (e.g. a venv of an older
 commit), or a command that ends in one (``"numpy=env ROMAC_NATIVE=0 python"``); with ``--repeat N`` the labels
@@ -86,6 +87,27 @@ def digests(root: Path) -> dict[str, str]:
     return out
 
 
+DECODE_SNIPPET = """
+import sys, time
+from romac.emulator import Machine
+m = Machine(sys.argv[1], adapter="chat", threads=int(sys.argv[3]))
+logits = m.step([int(t) for t in sys.argv[4].split(",")])
+t0, n = time.perf_counter(), int(sys.argv[2])
+for _ in range(n):
+    logits = m.step([int(logits[-1].argmax())])
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def decode_rate(exe: str, out: Path, tokens: int, threads: int) -> float:
+    """Greedy decode tokens/s of a compiled workload on the emulator (after an 8-token prefill, adapter resident)."""
+    proc = subprocess.run([*shlex.split(exe), "-c", DECODE_SNIPPET, str(out), str(tokens), str(threads), PROMPT_IDS],
+                          capture_output=True, text=True, cwd="/")
+    if proc.returncode:
+        sys.exit(f"decode of {out} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.split()[-1])
+
+
 def run_and_verify(model: str, target: str, exe: str, src: Path, out: Path, args) -> dict:
     """`romac run` and `romac verify` of one compile, timed; what verify found, from its JSON."""
     romac = [*shlex.split(exe), "-m", "romac.cli"]
@@ -100,8 +122,9 @@ def run_and_verify(model: str, target: str, exe: str, src: Path, out: Path, args
         found = json.loads(ver_out)
     except json.JSONDecodeError:
         sys.exit(f"romac verify {model} printed no result:\n{ver_out[-2000:]}")
+    rates = {t: decode_rate(exe, out, args.decode_tokens, t) for t in (1, 2)}
     return dict(model=model, target=target, run=(run_s, run_cpu, run_rss, run_out.strip()),
-                verify=(ver_s, ver_cpu, ver_rss), checks=found)
+                verify=(ver_s, ver_cpu, ver_rss), checks=found, decode=rates)
 
 
 def print_checks(checks: list[dict]) -> None:
@@ -122,7 +145,8 @@ def print_checks(checks: list[dict]) -> None:
                   f"{100 * onnx.get('top1_agreement', float('nan')):.1f}% | {onnx.get('reference', '-')} | "
                   f"{'ok' if ok else 'FAIL'} |")
     for c in checks:
-        print(f"{c['model']}: romac run generated {c['run'][3]}")
+        rates = ", ".join(f"{r:.2f} tok/s with threads={t}" for t, r in c["decode"].items())
+        print(f"{c['model']}: romac run generated {c['run'][3]}; emulator decode {rates}")
     if failed:
         sys.exit(f"verify failed or exceeded {VERIFY_LIMIT_S // 60} min / {VERIFY_RSS_LIMIT_GIB} GiB: "
                  f"{', '.join(sorted(set(failed)))}")
@@ -138,6 +162,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="rounds (the interpreters take turns in each)")
     ap.add_argument("--verify", action="store_true", help="also `romac run` and `romac verify` each compile")
     ap.add_argument("--new-tokens", type=int, default=4, help="greedy tokens of the `romac run` step")
+    ap.add_argument("--decode-tokens", type=int, default=16, help="greedy steps of the decode-rate measurement")
     ap.add_argument("--verify-steps", type=int, default=16, help="greedy steps `romac verify` compares")
     args = ap.parse_args()
     pythons = [tuple(p.split("=", 1)) for p in args.python] if args.python else [("romac", sys.executable)]
