@@ -129,8 +129,9 @@ def run_and_verify(model: str, target: str, exe: str, src: Path, out: Path, args
 
 def print_checks(checks: list[dict]) -> None:
     print(f"\n| model | target | `romac run` wall s | run peak RSS GiB | `romac verify` wall s | verify CPU s "
-          f"| verify peak RSS GiB | adapter | rel. logit error | greedy tokens | top-1 vs FP32 | FP32 reference | result |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- |")
+          f"| verify peak RSS GiB | adapter | rel. logit error | greedy tokens | K/V rounding ties | top-1 vs FP32 "
+          f"| FP32 reference | result |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |")
     failed = []
     for c in checks:
         (rs, _, rr, _), (vs, vc, vr) = c["run"], c["verify"]
@@ -142,6 +143,7 @@ def print_checks(checks: list[dict]) -> None:
             failed += [] if ok else [c["model"]]
             print(f"| {c['model']} | {c['target']} | {rs:.0f} | {rr:.2f} | {vs:.0f} | {vc:.0f} | {vr:.2f} | "
                   f"{k['adapter'] or '(none)'} | {k['relative_error']:.2e} | {same}/{len(k['golden_tokens'])} | "
+                  f"{k.get('kv_ties', 0)} of {k.get('kv_elements', 0):,} | "
                   f"{100 * onnx.get('top1_agreement', float('nan')):.1f}% | {onnx.get('reference', '-')} | "
                   f"{'ok' if ok else 'FAIL'} |")
     for c in checks:
