@@ -209,8 +209,9 @@ def run_anchor(python: Path, script: str, model_dir: Path, cal: np.ndarray, bits
         calf, out = Path(tmp) / "cal.json", Path(tmp) / "w.safetensors"
         calf.write_text(json.dumps(cal.tolist()))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTQMODEL_CPU_WORKERS": "2", "TQDM_DISABLE": "1"}
+        # in the temporary directory: gptqmodel writes a logs/ folder into its working directory
         proc = subprocess.run([str(python), str(ROOT / "benchmarks" / script), str(model_dir), str(calf), str(out),
-                               str(bits), str(group)], env=env, capture_output=True, text=True)
+                               str(bits), str(group)], env=env, capture_output=True, text=True, cwd=tmp)
         if proc.returncode != 0:
             print(f"  ({script} int{bits} g{group} failed: {proc.stderr.strip().splitlines()[-1][:200]})", flush=True)
             return None

@@ -42,20 +42,18 @@ CHUNK_BYTES = 64 << 20
 class KvRounding:
     """K and V as the cache gives them back, with the chip's rounding accepted at ties.
 
-    ``chip`` [layers, 2, positions, kv_dim] holds what the emulator stored (decoded to float32); each call is the
-    next layer's K, then its V (the order :func:`romac.ir.ops.attention` asks for them). An element takes the
+    ``chip`` [layers, 2, positions, kv_dim] holds what the emulator stored (decoded to float32); a call rounds a
+    layer's K (``which`` 0) or V (1), as :class:`romac.ir.ops.Semantics` asks. An element takes the
     chip's value when that value is the rounding of some ``y`` with ``|y − x| ≤ band · max|x|`` over its position's
     vector (so both are roundings of the same value up to the tolerance); ``ties`` counts them, ``elements`` all.
     """
 
     def __init__(self, kv_format: str, chip: np.ndarray | None = None, band: float = 1e-5) -> None:
         self.kv_format, self.chip, self.band = kv_format, chip, band
-        self.calls = self.ties = self.elements = 0
+        self.ties = self.elements = 0
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, layer: int, which: int) -> np.ndarray:
         own = kv_roundtrip(x, self.kv_format)
-        layer, which = divmod(self.calls, 2)
-        self.calls += 1
         self.elements += own.size
         if self.chip is None or element_format(self.kv_format).dtype is np.float32:
             return own

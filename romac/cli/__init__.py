@@ -82,7 +82,7 @@ def out_of_memory(error: MemoryError, args: list[str]) -> str:
             "verify": "verify streams the weights a chunk at a time and holds the whole sequence's activations: fewer "
                       "--steps or a shorter --prompt-ids needs less"}.get(command, "")
     return (f"out of memory in 'romac {command}': {needed}" + (f" ({', '.join(have)})" if have else "")
-            + f"; free memory or raise the limit" + (f" ({what})" if what else "") + "; --debug shows where")
+            + "; free memory or raise the limit" + (f" ({what})" if what else "") + "; --debug shows where")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onn
             click.echo(f"(top-1 and KL against the FP32 model: {checks[0].onnx['reference']})")
         ties = [c for c in checks if c.kv_ties]
         if ties:
-            click.echo("(K/V rounding ties where the golden model took the chip's FP8 rounding, each within the tolerance "
+            click.echo("(K/V rounding ties where the golden model took the chip's K/V rounding, each within the tolerance "
                        "of a rounding boundary: " + ", ".join(f"{c.adapter or '(none)'} {c.kv_ties} of {c.kv_elements:,}"
                                                              for c in ties) + ")")
     if not all(c.passed for c in checks):

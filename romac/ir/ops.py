@@ -21,7 +21,7 @@ import numpy as np
 from romac.ir.model import ROPE_TABLE, Model, ModelConfig, OpKind
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
+def _as_stored(x: np.ndarray, layer: int, which: int) -> np.ndarray:
     return x
 
 
@@ -33,14 +33,14 @@ class Semantics:
     ``linear(name, x)``: ``x @ W^T`` plus whatever the caller adds (LoRA, a correction) for a projection or the
     LM head; default: the plain product with ``weight(name)``.
     ``embed(name, ids)``: the embedding rows of the token ids; default: ``weight(name)[ids]``.
-    ``kv(x)``: K or V as the KV cache gives them back (the cache's precision).
+    ``kv(x, layer, which)``: K (``which`` 0) or V (1) of a layer as the KV cache gives them back (its precision).
     ``observe(node, inputs)``: called before each op with its input activations (calibration).
     """
 
     weight: Callable[[str], np.ndarray]
     linear: Callable[[str, np.ndarray], np.ndarray] | None = None
     embed: Callable[[str, np.ndarray], np.ndarray] | None = None
-    kv: Callable[[np.ndarray], np.ndarray] = _identity
+    kv: Callable[[np.ndarray, int, int], np.ndarray] = _as_stored
     observe: Callable[[str, Sequence[np.ndarray]], None] | None = None
     dtype: Any = np.float64
 
@@ -107,7 +107,7 @@ def _rope(ctx: Semantics, d: Mapping, xs: list, cfg: ModelConfig, tokens: np.nda
 
 def _attention(ctx: Semantics, d: Mapping, xs: list, cfg: ModelConfig, tokens: np.ndarray) -> np.ndarray:
     q, k, v = xs
-    return attention(q, ctx.kv(k), ctx.kv(v), cfg)
+    return attention(q, ctx.kv(k, d["layer"], 0), ctx.kv(v, d["layer"], 1), cfg)
 
 
 def _swiglu(ctx: Semantics, d: Mapping, xs: list, cfg: ModelConfig, tokens: np.ndarray) -> np.ndarray:
