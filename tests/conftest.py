@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from romac.driver import compile_model
+import romac.emulator.kernels as kernels
 from romac.frontend.builtin import random_adapter, random_weights
 from romac.ir import ModelConfig, make_model
 
@@ -87,3 +94,31 @@ def hf_checkpoint(tmp_path_factory):
                 p.normal_(0, 0.05)
     pm.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
+
+
+def _compiled_once_across_workers(fn, kind_of):
+    """``fn`` whose first call for each kind of kernel holds a lock shared by pytest-xdist's workers: one worker
+    compiles the numba kernel (tens of seconds) and writes numba's cache; the others wait, then load it."""
+    warm: set = set()
+    locks = Path(tempfile.gettempdir()) / f"romac-numba-locks-{os.getuid()}"
+    locks.mkdir(exist_ok=True)
+
+    @functools.wraps(fn)
+    def call(*args):
+        kind = kind_of(args)
+        if kind in warm:
+            return fn(*args)
+        with open(locks / f"{fn.__name__}-{kind}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            out = fn(*args)
+        warm.add(kind)
+        return out
+
+    return call
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of a parallel run (`-n auto` in pyproject.toml)
+        kind = lambda args: "%d_%d" % kernels.kernel_kind(args[3])
+        kernels.matmul = _compiled_once_across_workers(kernels.matmul, kind)
+        kernels.rows = _compiled_once_across_workers(kernels.rows, lambda args: "generic")

@@ -28,6 +28,8 @@ as constants: the unpacking shifts are then constants and the loops vectorise in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -290,9 +292,9 @@ def _row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i, kc):
 
 
 def _build(fam: int, bits: int):
-    """The kernels of one kind of code, (matmul, rows): ``fam``/``bits`` constants (the unpacking shifts are then
-    constants), or -1/0 for the generic kernels that read both, and everything else, from ``geo``. The closures
-    hold only these integers (numba caches them by value)."""
+    """The product kernel of one kind of code: ``fam``/``bits`` constants (the unpacking shifts are then constants),
+    or -1/0 for the generic kernel that reads both, and everything else, from ``geo``. The closure holds only
+    these integers (numba caches it by value)."""
     KC = (fam, bits, 8 // bits if 0 < bits < 8 else 1)
 
     @njit(cache=True, nogil=True, parallel=True)
@@ -301,27 +303,36 @@ def _build(fam: int, bits: int):
         for i in prange(tb.shape[0]):  # row tiles are independent: any thread computes a row the same way
             _row_tile(banks, tb, to, geo, values, nested, offset, xp, y, i, KC)
 
-    @njit(cache=True, nogil=True)
-    def rows(banks, tb, to, geo, lane_cols, values, nested, offset, ids, out):
-        w = np.zeros((4, geo[G_LANES]), f32)
-        lane_row, none = np.empty(lane_cols.size, f32), np.empty((0, 0), f32)
-        for n in range(ids.size):
-            _walk(banks, tb, to, geo, values, nested, offset, ids[n], none, 0, 0, none, w, lane_row, KC)
-            for k in range(lane_cols.size):
-                if lane_cols[k] >= 0:
-                    out[n, lane_cols[k]] = lane_row[k]
-
-    return matmul, rows
+    return matmul
 
 
-_KERNELS: dict[tuple, tuple] = {}
+@njit(cache=True, nogil=True)
+def _rows(banks, tb, to, geo, lane_cols, values, nested, offset, ids, out):
+    """The rows ``ids``, dequantized: one generic kernel for every kind of code (EMBED reads a few rows a step,
+    so a kernel per kind would cost its compile time and gain nothing)."""
+    w = np.zeros((4, geo[G_LANES]), f32)
+    lane_row, none = np.empty(lane_cols.size, f32), np.empty((0, 0), f32)
+    for n in range(ids.size):
+        _walk(banks, tb, to, geo, values, nested, offset, ids[n], none, 0, 0, none, w, lane_row, (-1, 0, 0))
+        for k in range(lane_cols.size):
+            if lane_cols[k] >= 0:
+                out[n, lane_cols[k]] = lane_row[k]
 
 
-def _kernels(geo: np.ndarray) -> tuple:
-    """The compiled kernels for a region: specialised for the hot kinds of code (whole affine or bitsandbytes
-    codes in a byte), the generic ones for the rest (raw floats, groups that split bytes)."""
+_KERNELS: dict[tuple, Callable] = {}
+
+
+def kernel_kind(geo: np.ndarray) -> tuple[int, int]:
+    """Which compiled product kernel a region uses, (family, code bits): a specialised one for the hot kinds of
+    code (whole affine or bitsandbytes codes in a byte), (-1, 0) the generic one for the rest (raw floats, groups
+    that split bytes)."""
     fam, bits, per = int(geo[G_FAM]), int(geo[G_BITS]), int(geo[G_PER])
-    key = (fam, bits) if fam != RAW and (per > 1 or bits == 8) else (-1, 0)
+    return (fam, bits) if fam != RAW and (per > 1 or bits == 8) else (-1, 0)
+
+
+def _kernel(geo: np.ndarray) -> Callable:
+    """The compiled product kernel for a region (compiled on first use; numba caches it on disk)."""
+    key = kernel_kind(geo)
     if key not in _KERNELS:
         _KERNELS[key] = _build(*key)
     return _KERNELS[key]
@@ -331,7 +342,7 @@ def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndar
            values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray) -> np.ndarray:
     """``x @ dequant(W)^T`` (float32 [T, out]), row tiles spread over numba's threads (numba.set_num_threads)."""
     y = np.empty((x.shape[0], int(geo[G_ROWS])), f32)
-    _kernels(geo)[0](banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
+    _kernel(geo)(banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
     return y
 
 
@@ -339,5 +350,5 @@ def rows(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarra
          values: np.ndarray, nested: np.ndarray, offset: float, ids: np.ndarray) -> np.ndarray:
     """The dequantized rows ``ids`` (float32 [n, in]), bit for bit the codec's dequantization."""
     out = np.empty((ids.size, int(geo[G_COLS])), f32)
-    _kernels(geo)[1](banks, tb, to, geo, lane_cols, values, nested, offset, ids, out)
+    _rows(banks, tb, to, geo, lane_cols, values, nested, offset, ids, out)
     return out
