@@ -36,6 +36,10 @@ def test_default_compile_run_verify(tmp_path):
                 "--dump-logits", tmp_path / "l.npy").stdout.strip()
     assert len(ids.split(",")) == 5
     assert np.load(tmp_path / "l.npy").shape == (3 + 5, 512)
+    two = romac("run", out, "--adapter", "builtin", "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--threads", "2",
+                "--dump-logits", tmp_path / "l2.npy").stdout.strip()
+    assert two == ids
+    np.testing.assert_array_equal(np.load(tmp_path / "l2.npy"), np.load(tmp_path / "l.npy"))
     verify = romac("verify", out, cwd=tmp_path).stdout
     assert "builtin" in verify and "FAIL" not in verify
     assert "B-ROM" in romac("inspect", out).stdout

@@ -32,7 +32,10 @@ from romac.verify import verify as run_verify
                    "reads against an independent decoder of the bank images (exit 1 on a difference).")
 @click.option("--trace-tiles", type=click.IntRange(min=0), default=8, show_default=True,
               help="With --trace: tiles checked per region (the first, the last, random ones; 0: every tile).")
-def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits, trace, trace_tiles) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for the large products (the logits do not depend on how many, bit for bit).")
+def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits, trace, trace_tiles,
+        threads) -> None:
     """Run the emulator on an artifact directory: print the prompt and its continuation (--prompt) or the ids."""
     if prompt_text is not None and prompt_ids is not None:
         raise RomacError("--prompt and --prompt-ids exclude each other", where="romac run", hint="give one of them")
@@ -48,7 +51,7 @@ def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits
         if not ids:
             raise RomacError("a prompt is required", where="--prompt-ids",
                              hint="e.g. --prompt-ids 1,2,3, or --prompt TEXT when the artifacts carry a tokenizer")
-    machine = Machine(artifacts, adapter=adapter)
+    machine = Machine(artifacts, adapter=adapter, threads=threads)
     if trace:
         _trace(machine, trace_tiles or None)
     eos = machine.config.get("eos_token_id")
