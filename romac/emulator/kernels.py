@@ -24,10 +24,19 @@ Hence ``|y − x·Wᵀ| ≤ γ_m Σ|w||x|`` with ``m = ⌈in/G⌉ + ⌈log₂ G�
 
 The kernels are compiled once per kind of code (family, code bits, codes a byte, parameter storage), with those
 as constants: the unpacking shifts are then constants and the loops vectorise in 32-bit lanes.
+
+Two engines compute these products. For the formats of both ROMA chips (INT2/INT4/INT8 affine codes, whole codes
+a byte, an fp16 or fp32 scale) the C extension :mod:`romac.emulator._lunit` (built by the package where there
+is a C compiler) computes them in the same order, so bit for bit the same, 1.5-3x faster (docs/performance.md):
+it keeps a block of accumulator lanes in vector registers while a row's groups stream past, and with AVX-512 it
+computes each group's 2^bits weights once and lets every code pick its own. numba computes everything else
+(bitsandbytes codes, raw floats, groups that split bytes), and everything when the extension is absent.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -43,7 +52,14 @@ from numba import njit, prange
 
 from romac.spec.formats import BNB_DYNAMIC_SIGNED
 
+# The C extension is optional (setup.py): installed without a C compiler, numba computes every product. It is a
+# compiled module, not one of the package's Python modules, so it is looked up rather than imported by name.
+_LUNIT = "romac.emulator._lunit"
+_lunit = importlib.import_module(_LUNIT) if importlib.util.find_spec(_LUNIT) is not None else None
+
 f32 = np.float32
+#: who computes a product: "auto" (the C kernel where it computes the format, numba elsewhere), or one of them
+ENGINES = ("auto", "c", "numba")
 # Kernel-internal codes of the codec families (romac.emulator.rom maps WeightFormat.family onto them).
 AFFINE, BNB, RAW = 0, 1, 2
 # Positions in the ``geo`` vector handed to the kernels (one int64 array: one compiled signature).
@@ -345,10 +361,47 @@ def _kernel(geo: np.ndarray) -> Callable:
     return _KERNELS[key]
 
 
+def c_widths(geo: np.ndarray | None = None) -> tuple[int, ...]:
+    """Lane widths of the C kernels this CPU runs: () without the extension (or, on x86-64, without AVX2); with
+    ``geo``, those that compute that region (16 lanes: codes of at most 4 bits, whole 16-lane vectors a shift)."""
+    cpu = tuple(_lunit.widths()) if _lunit is not None else ()
+    if geo is None:
+        return cpu
+    if not c_computes(geo):
+        return ()
+    per_shift = int(geo[G_LANES]) // int(geo[G_PER])
+    return tuple(w for w in cpu if w == 8 or (geo[G_BITS] < 8 and per_shift % w == 0))
+
+
+def c_computes(geo: np.ndarray) -> bool:
+    """Whether the C kernel computes a region of this geometry: affine codes a whole number to the byte with
+    lane groups of whole 8-lane vectors, an fp16 scale (the affine formats' storage), whole groups in a tile."""
+    bits, per, lanes = int(geo[G_BITS]), int(geo[G_PER]), int(geo[G_LANES])
+    return (bool(c_widths()) and geo[G_FAM] == AFFINE and bits * per == 8 and lanes % (8 * per) == 0
+            and bool(geo[G_F0FLOAT]) and geo[G_F0BITS] == 16 and 1 <= geo[G_F1BITS] <= 8
+            and geo[G_TC] % lanes == 0)
+
+
 def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
-           values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray) -> np.ndarray:
-    """``x @ dequant(W)^T`` (float32 [T, out]), row tiles spread over numba's threads (numba.set_num_threads)."""
+           values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray, tile_address: np.ndarray | None = None,
+           engine: str = "auto", width: int = 0) -> np.ndarray:
+    """``x @ dequant(W)^T`` (float32 [T, out]), rows spread over numba's thread count (numba.set_num_threads).
+
+    ``tile_address`` (int64, the address of each tile's first byte in the mapped banks) lets the C kernel compute
+    it; ``engine`` picks who does (ENGINES), ``width`` the C kernel's lane width (0: the widest). Every choice
+    gives the same bits."""
     y = np.empty((x.shape[0], int(geo[G_ROWS])), f32)
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
+    use_c = engine != "numba" and tile_address is not None and c_computes(geo)
+    if engine == "c" and not use_c:
+        raise ValueError("the C kernel does not compute this region (or is not built)")
+    if use_c:
+        _lunit.matmul_affine(tile_address, tb.shape[1], int(geo[G_ROWS]), int(geo[G_COLS]), int(geo[G_TR]),
+                             int(geo[G_TC]), int(geo[G_BITS]), int(geo[G_PER]), int(geo[G_LANES]),
+                             int(geo[G_F0BITS]), int(geo[G_F1BITS]), int(geo[G_NGROUPS]), lane_cols, x, y,
+                             numba.get_num_threads(), width)
+        return y
     _kernel(geo)(banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
     return y
 

@@ -24,9 +24,10 @@ from romac.spec.formats import element_format
 from romac.spec.manifest import PROGRAM_BIN
 
 
-#: how a Machine computes with its matrices: "native" from the packed codes (romac.emulator.kernels), "numpy" by
-#: decoding each matrix to float32 once and multiplying with BLAS (the readable definition, tests compare them)
-KERNELS = ("native", "numpy")
+#: how a Machine computes with its matrices: "native" from the packed codes (romac.emulator.kernels: the C kernel
+#: where it computes the format, numba elsewhere), "numba" from the packed codes by numba alone (the same bits),
+#: "numpy" by decoding each matrix to float32 once and multiplying with BLAS (the readable definition)
+KERNELS = ("native", "numba", "numpy")
 
 
 class Machine:
@@ -87,7 +88,7 @@ class Machine:
             return x @ self.weight_t(rid)
         shape = self.manifest.regions[rid].shape
         self._use_threads(self.threads if shape[0] * shape[1] * x.shape[0] >= self.parallel_weights else 1)
-        return self.rom.matmul(rid, x)
+        return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto")
 
     def _use_threads(self, n: int) -> None:
         """numba's thread count for the next products (a per-thread setting, capped by NUMBA_NUM_THREADS)."""

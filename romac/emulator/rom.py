@@ -12,6 +12,7 @@ Two ways to read a placed region, one the definition of the other:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class MatrixKernel:
     values: np.ndarray  # float32: the code values (bitsandbytes; else unused)
     nested: np.ndarray  # float32: the nested absmax (double quantization; else unused)
     offset: float  # the double quantization's offset (0.0 without)
+    tile_address: np.ndarray | None = None  # int64 [row tiles · column tiles]: each tile's address in the maps
 
 
 def prepare(fmt: WeightFormat, grid: TileGrid, start_bank: int, extents, n_banks: int, word_bytes: int,
@@ -102,6 +104,7 @@ class Rom:
             np.memmap(root / bank_file(b, self.n_banks), dtype=np.uint8, mode="r") for b in range(self.n_banks)
         ]
         self.bank_list = bank_list(self.banks)
+        self._bank_address = np.array([b.ctypes.data for b in self.banks], np.int64)
         self.regions = manifest.regions
         self.index = manifest.region_ids()
         self._cache: dict[int, np.ndarray] = {}
@@ -154,17 +157,20 @@ class Rom:
         k = self._kernels.get(rid)
         if k is None:
             r = self.regions[rid]
-            k = self._kernels[rid] = prepare(r.format, r.grid, r.start_bank, r.extents, self.n_banks,
-                                             self.word_bytes, self.constants(rid))
+            k = prepare(r.format, r.grid, r.start_bank, r.extents, self.n_banks, self.word_bytes,
+                        self.constants(rid))
+            # where each tile lies in this process' maps, for the C kernel (the maps live as long as the Rom)
+            address = self._bank_address[k.tile_bank] + k.tile_offset
+            k = self._kernels[rid] = dataclasses.replace(k, tile_address=np.ascontiguousarray(address.reshape(-1)))
         return k
 
-    def matmul(self, rid: int, x: np.ndarray) -> np.ndarray:
-        """``x @ W^T`` (float32 [T, out]) for matrix region rid, from its packed codes, on numba's threads
-        (numba.set_num_threads); the result does not depend on how many, bit for bit."""
+    def matmul(self, rid: int, x: np.ndarray, engine: str = "auto", width: int = 0) -> np.ndarray:
+        """``x @ W^T`` (float32 [T, out]) for matrix region rid, from its packed codes, on numba's thread count
+        (numba.set_num_threads); the result depends neither on how many nor on the engine (K.ENGINES), bit for bit."""
         k = self.kernel(rid)
         x = np.ascontiguousarray(x, f32).reshape(-1, int(k.geo[K.G_COLS]))
         return K.matmul(self.bank_list, k.tile_bank, k.tile_offset, k.geo, k.lane_cols, k.values, k.nested,
-                        k.offset, x)
+                        k.offset, x, k.tile_address, engine, width)
 
     def rows(self, rid: int, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of matrix region rid (float32 [n, in]), equal to ``value(rid)[ids]`` bit for bit."""

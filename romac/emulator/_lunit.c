@@ -1,0 +1,554 @@
+/* The L-Unit's affine group-dequantize-and-accumulate, as a C extension: the hot path of
+ * romac.emulator.kernels for whole integer codes in a byte (INT2, INT4, INT8 with an fp16/fp32 scale and a
+ * packed zero point), the formats of both ROMA chips.
+ *
+ * It computes exactly what the numba kernel of romac/emulator/kernels.py computes, in the same order (that
+ * module's doc is the definition): each weight float32(s) * (q - z), each product w * x, each lane's sum in
+ * column order, the lanes of a row summed pairwise; no fused multiply-add (built with -ffp-contract=off).
+ * What it adds is where the numbers live: a block of accumulator lanes stays in vector registers while the row's
+ * groups stream past, instead of a load and a store of every accumulator per weight. Rows are independent and
+ * each is computed the same way on any thread, so the result does not depend on the thread count.
+ *
+ * The byte layout of a tile (codes, then scales, then zero points, each part's rows padded to whole bytes) is
+ * romac.spec.layout's; the kernels' arithmetic on it mirrors romac/emulator/kernels.py `_walk`.
+ *
+ * Vectors are GCC/Clang vector extensions (8 float32 lanes), which the compiler maps onto AVX2 on x86-64 and
+ * NEON elsewhere; on x86-64 the kernel is compiled for AVX2 and only used when the CPU has it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LUNIT_X86 1
+#define TARGET_V8 __attribute__((target("avx2")))
+#define TARGET_V16 __attribute__((target("avx512f,f16c")))
+#include <immintrin.h>
+#else
+#define LUNIT_X86 0
+#define TARGET_V8
+#endif
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef float v16f __attribute__((vector_size(64)));
+
+#define MAX_GROUPS 4096 /* groups of one row the per-row tables hold (a 512K-column row at groups of 128) */
+#define MAX_LANES 1024  /* group sizes the kernel computes */
+#define MAX_TILES 4096  /* column tiles of a matrix */
+
+/* Where the W lanes of lane vector lv of a group come from: bytes offs[lv] .. offs[lv] + W - 1 of the group's
+ * codes, shifted down sh[lv] bits; they hold the group's columns first_col[lv], + per, ..., last_col[lv]. */
+typedef struct {
+    int sh[MAX_LANES / 8];
+    int64_t offs[MAX_LANES / 8], first_col[MAX_LANES / 8], last_col[MAX_LANES / 8];
+} lane_vectors;
+
+typedef struct {
+    int64_t rows, cols, tr, tc, bits, per, lanes, f0bits, f1bits, ct, n_groups;
+    /* made once per product, so the per-row path divides nothing: the lane vectors of 8 and of 16 lanes, and
+     * for column tile j its columns, bytes a row of codes, groups, and bytes a row of scales and of zero points */
+    lane_vectors v8, v16;
+    int64_t tile_cols[MAX_TILES], code_row[MAX_TILES], tile_groups[MAX_TILES], s_row[MAX_TILES], z_row[MAX_TILES];
+} geometry;
+
+/* One of a row's groups: where its codes start, its scale and zero point, how many columns it has. */
+typedef struct {
+    const uint8_t *codes;
+    float s, z;
+    int64_t len;
+} group;
+
+static float half_pow[32];
+
+/* The little-endian float16 at p as float32, exactly as kernels._half computes it. */
+static inline float half_at(const uint8_t *p) {
+    int64_t h = (int64_t)p[0] | ((int64_t)p[1] << 8);
+    int64_t e = (h >> 10) & 31, m = h & 1023;
+    float v;
+    if (e == 31)
+        v = m == 0 ? INFINITY : NAN;
+    else
+        v = (float)(m + (e ? 1024 : 0)) * half_pow[e];
+    return (h & 0x8000) ? -v : v;
+}
+
+/* The idx-th bits-wide unsigned field of a packed run (first field in the high bits), as kernels._packed. */
+static inline int64_t packed_at(const uint8_t *base, int64_t idx, int64_t bits) {
+    int64_t pos = idx * bits;
+    return ((int64_t)base[pos >> 3] >> (8 - bits - (pos & 7))) & ((1 << bits) - 1);
+}
+
+static void plan_lanes(const geometry *g, int64_t w, lane_vectors *out) {
+    int64_t st = g->lanes / g->per;  /* lanes that take the codes at one shift */
+    for (int64_t lv = 0; lv < g->lanes / w; lv++) {
+        out->sh[lv] = (int)(8 - g->bits * (lv * w / st + 1));
+        out->offs[lv] = lv * w % st;
+        out->first_col[lv] = out->offs[lv] * g->per + lv * w / st;
+        out->last_col[lv] = out->first_col[lv] + (w - 1) * g->per;
+    }
+}
+
+/* The per-product tables of g (see geometry). */
+static void plan(geometry *g) {
+    plan_lanes(g, 8, &g->v8);
+    if ((g->lanes / g->per) % 16 == 0) plan_lanes(g, 16, &g->v16);
+    for (int64_t j = 0; j < g->ct; j++) {
+        int64_t c = g->tc < g->cols - j * g->tc ? g->tc : g->cols - j * g->tc;
+        int64_t ngc = (c + g->lanes - 1) / g->lanes;
+        g->tile_cols[j] = c;
+        g->code_row[j] = (c * g->bits + 7) >> 3;  /* each part's rows are padded to whole bytes */
+        g->tile_groups[j] = ngc;
+        g->s_row[j] = (ngc * g->f0bits + 7) >> 3;
+        g->z_row[j] = (ngc * g->f1bits + 7) >> 3;
+    }
+}
+
+/* The scale of group k of a tile row whose scales start at p0. */
+static inline float group_scale(const geometry *g, const uint8_t *p0, int64_t k) {
+    float s;
+    if (g->f0bits == 16) return half_at(p0 + 2 * k);
+    memcpy(&s, p0 + 4 * k, 4);
+    return s;
+}
+
+/* The groups of row o (scale, zero point, codes), tile by tile; returns how many. */
+static int64_t row_groups(const geometry *g, const uint8_t *const *tiles, int64_t o, group *out) {
+    int64_t i = o / g->tr, rr = o - i * g->tr;
+    int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;
+    int64_t gbytes = (g->lanes * g->bits) >> 3, n = 0;
+    for (int64_t j = 0; j < g->ct; j++) {
+        const uint8_t *tile = tiles[i * g->ct + j];
+        int64_t c = g->tile_cols[j], rbc = g->code_row[j], ngc = g->tile_groups[j];
+        const uint8_t *p0 = tile + r * rbc + rr * g->s_row[j];
+        const uint8_t *p1 = tile + r * rbc + r * g->s_row[j] + rr * g->z_row[j];
+        const uint8_t *codes = tile + rr * rbc;
+        for (int64_t k = 0; k < ngc; k++, n++) {
+            out[n].s = group_scale(g, p0, k);
+            out[n].z = (float)packed_at(p1, k, g->f1bits);
+            out[n].codes = codes + k * gbytes;
+            int64_t len = c - k * g->lanes;
+            out[n].len = len < g->lanes ? len : g->lanes;
+        }
+    }
+    return n;
+}
+
+/* Lane vector lv of a group that is not whole: 0 if none of its lanes hold columns of the group, 1 if all do,
+ * -1 if some. */
+static inline int lanes_held(const lane_vectors *L, int64_t lv, int64_t len) {
+    if (L->first_col[lv] >= len) return 0;
+    return L->last_col[lv] < len ? 1 : -1;
+}
+
+/* The w weights of lane vector lv of a group that is not whole, one at a time, 0 in the lanes past its columns
+ * (whose inputs are 0 too: past the row's end, since tiles start on group boundaries). */
+static inline void partial_weights(const geometry *g, const group *q, int64_t lv, int64_t w, float *out) {
+    int64_t st = g->lanes / g->per;
+    int32_t mask = (1 << g->bits) - 1;
+    for (int64_t l = 0; l < w; l++) {
+        int64_t lane = lv * w + l, j = lane / st, i = lane % st;
+        if (i * g->per + j >= q->len) {
+            out[l] = 0.0f;
+            continue;
+        }
+        int32_t code = ((int32_t)q->codes[i] >> (8 - g->bits * (j + 1))) & mask;
+        out[l] = q->s * ((float)code - q->z);
+    }
+}
+
+/* ---- 8 lanes (AVX2 on x86-64, the compiler's vectors elsewhere): each weight s * (q - z), computed. */
+typedef struct {
+    v8f s, z;
+    int32_t mask;
+} v8_group;
+
+static inline TARGET_V8 v8_group v8_prepare(const geometry *g, const group *q) {
+    v8_group out = {{q->s, q->s, q->s, q->s, q->s, q->s, q->s, q->s},
+                    {q->z, q->z, q->z, q->z, q->z, q->z, q->z, q->z}, (1 << g->bits) - 1};
+    return out;
+}
+
+static inline TARGET_V8 float v8_scale(const geometry *g, const uint8_t *p0, int64_t k) {
+    return group_scale(g, p0, k);
+}
+
+/* The 8 weights whose codes are at bytes codes .. codes + 7, sh bits up. */
+static inline TARGET_V8 v8f v8_weights_at(const v8_group *p, const uint8_t *codes, int sh) {
+#if LUNIT_X86
+    v8i bytes = (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
+#else
+    v8b raw;
+    memcpy(&raw, codes, 8);
+    v8i bytes = __builtin_convertvector(raw, v8i);
+#endif
+    v8i q = (bytes >> sh) & p->mask;
+    return p->s * (__builtin_convertvector(q, v8f) - p->z);
+}
+
+static inline TARGET_V8 v8f v8_weights(const v8_group *p, const uint8_t *codes, const lane_vectors *L, int64_t lv) {
+#if LUNIT_X86
+    v8i bytes = (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + L->offs[lv])));
+#else
+    v8b raw;
+    memcpy(&raw, codes + L->offs[lv], 8);
+    v8i bytes = __builtin_convertvector(raw, v8i);
+#endif
+    v8i q = (bytes >> L->sh[lv]) & p->mask;
+    return p->s * (__builtin_convertvector(q, v8f) - p->z);
+}
+
+#if LUNIT_X86
+/* ---- 16 lanes (AVX-512), codes of at most 4 bits: the group's 2^bits weights s * (c - z) are computed once,
+ * the same float32 operations on the same operands, and each code picks its own (a 16-entry permute). */
+typedef struct {
+    __m512 table;
+} v16_group;
+
+static inline TARGET_V16 v16_group v16_prepare(const geometry *g, const group *q) {
+    /* entry c holds the weight of code c mod 2^bits: the permute reads the low 4 bits of each lane, and the
+     * bits above a 2-bit code are the next code's */
+    __m512i c = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                 _mm512_set1_epi32((1 << g->bits) - 1));
+    v16_group out = {_mm512_mul_ps(_mm512_set1_ps(q->s), _mm512_sub_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(q->z)))};
+    return out;
+}
+
+/* float16 scales by the F16C instruction: the same exact conversion as half_at (NaN payloads aside). */
+static inline TARGET_V16 float v16_scale(const geometry *g, const uint8_t *p0, int64_t k) {
+    if (g->f0bits == 16) {
+        uint16_t h;
+        memcpy(&h, p0 + 2 * k, 2);
+        return _cvtsh_ss(h);
+    }
+    return group_scale(g, p0, k);
+}
+
+/* The 16 weights whose codes are at bytes codes .. codes + 15, sh bits up. */
+static inline TARGET_V16 v16f v16_weights_at(const v16_group *p, const uint8_t *codes, int sh) {
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
+    return (v16f)_mm512_permutexvar_ps(sh ? _mm512_srli_epi32(bytes, sh) : bytes, p->table);
+}
+
+static inline TARGET_V16 v16f v16_weights(const v16_group *p, const uint8_t *codes, const lane_vectors *L,
+                                          int64_t lv) {
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + L->offs[lv])));
+    __m512i idx = _mm512_srl_epi32(bytes, _mm_cvtsi32_si128(L->sh[lv]));
+    return (v16f)_mm512_permutexvar_ps(idx, p->table);
+}
+#endif
+
+/* a[t][v] += w * x[t][v] for the NT positions (one lane vector's weights, reused). */
+#define ADD_PRODUCTS(NT, VEC, W, v, w)                                                                           \
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {                                                       \
+        VEC xv;                                                                                                  \
+        memcpy(&xv, x + t * xs + (v) * W, sizeof xv);                                                            \
+        a[t][v] += (w) * xv;                                                                                     \
+    }
+
+/* acc[t][lane] for NT positions and the NV lane vectors (of W lanes) from lv0, over all the row's groups in
+ * column order (only the last can be partial: tiles start on group boundaries). xp: the positions' inputs in
+ * lane order ([T][n_groups * G]); acc: [NT][G]. The accumulators a[NT][NV] stay in registers. */
+#define DEFINE_BLOCK(V, VEC, W, TARGET, NT, NV)                                                                  \
+    static TARGET void V##_block_##NT##_##NV(const geometry *g, const group *gr, int64_t ng, const float *xp,   \
+                                             int64_t xs, int64_t lv0, float *acc) {                             \
+        const int64_t G = g->lanes;                                                                              \
+        const lane_vectors *L = &g->V;                                                                           \
+        VEC a[NT][NV];                                                                                           \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                     \
+            _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) a[t][v] = (VEC){0};                            \
+        int64_t whole = ng > 0 && gr[ng - 1].len < G ? ng - 1 : ng;                                              \
+        for (int64_t k = 0; k < whole; k++) {                                                                    \
+            const float *x = xp + k * G + lv0 * W;                                                               \
+            V##_group p = V##_prepare(g, gr + k);                                                                \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                               \
+                VEC w = V##_weights(&p, gr[k].codes, L, lv0 + v);                                                \
+                ADD_PRODUCTS(NT, VEC, W, v, w)                                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+        if (whole < ng) {                                                                                        \
+            const group *q = gr + whole;                                                                         \
+            const float *x = xp + whole * G + lv0 * W;                                                           \
+            V##_group p = V##_prepare(g, q);                                                                     \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                               \
+                VEC w;                                                                                           \
+                int held = lanes_held(L, lv0 + v, q->len);                                                       \
+                if (held == 0) continue;                                                                         \
+                if (held == 1) {                                                                                 \
+                    w = V##_weights(&p, q->codes, L, lv0 + v);                                                   \
+                } else {                                                                                         \
+                    float part[W];                                                                               \
+                    partial_weights(g, q, lv0 + v, W, part);                                                     \
+                    memcpy(&w, part, sizeof w);                                                                  \
+                }                                                                                                \
+                ADD_PRODUCTS(NT, VEC, W, v, w)                                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++)                                                     \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                 \
+                memcpy(acc + t * G + (lv0 + v) * W, &a[t][v], sizeof a[t][v]);                                  \
+    }
+
+/* The pairwise sum of a[0:n] in kernels._tree's order (while n > 1: h = ceil(n/2), a[k] += a[k + h] for
+ * k < n - h); while n is a multiple of 16 each step is whole vector adds, the same per-lane operations. */
+static inline TARGET_V8 float tree(float *a, int64_t n) {
+    while (n % 16 == 0) {
+        int64_t h = n / 2;
+        for (int64_t k = 0; k < h; k += 8) {
+            v8f u, v;
+            memcpy(&u, a + k, sizeof u);
+            memcpy(&v, a + k + h, sizeof v);
+            u += v;
+            memcpy(a + k, &u, sizeof u);
+        }
+        n = h;
+    }
+    while (n > 1) {
+        int64_t h = (n + 1) / 2;
+        for (int64_t k = 0; k < n - h; k++) a[k] += a[k + h];
+        n = h;
+    }
+    return a[0];
+}
+
+/* One position of row o when one block of NV lane vectors holds a whole group (G = NV * W) of BITS-bit codes:
+ * the groups are read straight from the tiles as they stream past, each group's lanes added in registers, and
+ * each lane vector's byte offset and shift are constants. */
+#define DEFINE_ONE_POSITION(V, VEC, W, TARGET, NV, BITS)                                                         \
+    static TARGET void V##_one_position_##BITS(const geometry *g, const uint8_t *const *tiles, int64_t o,      \
+                                               const float *xp, float *y, float *acc) {                         \
+        enum { G = NV * W, ST = G / (8 / BITS), GBYTES = G * BITS / 8 };                                         \
+        const lane_vectors *L = &g->V;                                                                           \
+        const int64_t xs = 0;                                                                                    \
+        int64_t i = o / g->tr, rr = o - i * g->tr;                                                               \
+        int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;                                   \
+        VEC a[1][NV];                                                                                            \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) a[0][v] = (VEC){0};                                 \
+        for (int64_t j = 0; j < g->ct; j++) {                                                                    \
+            const uint8_t *tile = tiles[i * g->ct + j];                                                          \
+            int64_t rbc = g->code_row[j], ngc = g->tile_groups[j];                                               \
+            const uint8_t *p0 = tile + r * rbc + rr * g->s_row[j];                                               \
+            const uint8_t *p1 = tile + r * rbc + r * g->s_row[j] + rr * g->z_row[j];                             \
+            group q = {tile + rr * rbc, 0.0f, 0.0f, G};                                                          \
+            const float *x = xp + j * g->tc;                                                                     \
+            for (int64_t k = 0; k < ngc; k++, q.codes += GBYTES, x += G) {                                       \
+                q.s = V##_scale(g, p0, k);                                                                       \
+                q.z = (float)packed_at(p1, k, g->f1bits);                                                        \
+                V##_group p = V##_prepare(g, &q);                                                                \
+                int64_t len = g->tile_cols[j] - k * G;                                                           \
+                if (len >= G) {                                                                                  \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                       \
+                        VEC w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));       \
+                        ADD_PRODUCTS(1, VEC, W, v, w)                                                            \
+                    }                                                                                            \
+                    continue;                                                                                    \
+                }                                                                                                \
+                q.len = len;                                                                                     \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                           \
+                    VEC w;                                                                                       \
+                    int held = lanes_held(L, v, len);                                                            \
+                    if (held == 0) continue;                                                                     \
+                    if (held == 1) {                                                                             \
+                        w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));           \
+                    } else {                                                                                     \
+                        float part[W];                                                                           \
+                        partial_weights(g, &q, v, W, part);                                                      \
+                        memcpy(&w, part, sizeof w);                                                              \
+                    }                                                                                            \
+                    ADD_PRODUCTS(1, VEC, W, v, w)                                                                \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) memcpy(acc + v * W, &a[0][v], sizeof a[0][v]);      \
+        y[o] = tree(acc, G);                                                                                     \
+    }
+
+/* y[t][o] for every position t of row o: blocks of 4 positions, then one at a time, each over the group's lane
+ * vectors in blocks as wide as the registers allow. */
+#define DEFINE_ROW(V, VEC, W, TARGET, P4, P1)                                                                    \
+    DEFINE_BLOCK(V, VEC, W, TARGET, 1, 8)                                                                        \
+    DEFINE_BLOCK(V, VEC, W, TARGET, 1, 4)                                                                        \
+    DEFINE_BLOCK(V, VEC, W, TARGET, 1, 2)                                                                        \
+    DEFINE_BLOCK(V, VEC, W, TARGET, 1, 1)                                                                        \
+    DEFINE_BLOCK(V, VEC, W, TARGET, 4, P4)                                                                       \
+    DEFINE_BLOCK(V, VEC, W, TARGET, 4, 1)                                                                        \
+    DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 2)                                                                 \
+    DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 4)                                                                 \
+    static TARGET void V##_row(const geometry *g, const uint8_t *const *tiles, int64_t o, const float *xp,      \
+                               int64_t n_t, float *y, group *gr, float *acc) {                                  \
+        const int64_t G = g->lanes, nvec = G / W, xs = g->n_groups * G;                                          \
+        if (n_t == 1 && nvec == 8 && (g->bits == 2 || g->bits == 4)) {                                           \
+            (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, o, xp, y, acc);                   \
+            return;                                                                                              \
+        }                                                                                                        \
+        int64_t ng = row_groups(g, tiles, o, gr), t0 = 0;                                                        \
+        for (; t0 + 4 <= n_t; t0 += 4) {                                                                         \
+            int64_t lv = 0;                                                                                      \
+            for (; lv + P4 <= nvec; lv += P4) V##_block_4_##P4(g, gr, ng, xp + t0 * xs, xs, lv, acc);            \
+            for (; lv < nvec; lv++) V##_block_4_1(g, gr, ng, xp + t0 * xs, xs, lv, acc);                         \
+            for (int64_t t = 0; t < 4; t++) y[(t0 + t) * g->rows + o] = tree(acc + t * G, G);                    \
+        }                                                                                                        \
+        for (; t0 < n_t; t0++) {                                                                                 \
+            int64_t lv = 0;                                                                                      \
+            for (; lv + 8 <= nvec; lv += 8) V##_block_1_8(g, gr, ng, xp + t0 * xs, xs, lv, acc);                 \
+            for (; lv + 4 <= nvec; lv += 4) V##_block_1_4(g, gr, ng, xp + t0 * xs, xs, lv, acc);                 \
+            for (; lv + 2 <= nvec; lv += 2) V##_block_1_2(g, gr, ng, xp + t0 * xs, xs, lv, acc);                 \
+            for (; lv < nvec; lv++) V##_block_1_1(g, gr, ng, xp + t0 * xs, xs, lv, acc);                         \
+            y[t0 * g->rows + o] = tree(acc, G);                                                                  \
+        }                                                                                                        \
+    }
+
+DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2, 1)
+#if LUNIT_X86
+DEFINE_ROW(v16, v16f, 16, TARGET_V16, 4, 1)
+#endif
+
+typedef void (*row_fn)(const geometry *, const uint8_t *const *, int64_t, const float *, int64_t, float *, group *,
+                       float *);
+
+static int has_avx2 = 1, has_avx512 = 0;
+
+/* Whether the 16-lane kernel computes this geometry on this CPU. */
+static int v16_computes(const geometry *g) {
+    return LUNIT_X86 && has_avx512 && g->bits < 8 && (g->lanes / g->per) % 16 == 0;
+}
+
+/* The row kernel of `width` lanes (0: the widest this CPU and geometry allow; all give the same bits). */
+static row_fn row_kernel(const geometry *g, int64_t width) {
+#if LUNIT_X86
+    if ((width == 0 || width == 16) && v16_computes(g)) return v16_row;
+#endif
+    return width == 16 ? NULL : v8_row;
+}
+
+static int get_i64(PyObject *o, int64_t *v) {
+    *v = PyLong_AsLongLong(o);
+    return !(*v == -1 && PyErr_Occurred());
+}
+
+static PyObject *fail(const char *what) {
+    PyErr_SetString(PyExc_ValueError, what);
+    return NULL;
+}
+
+/* matmul_affine(tiles, ct, rows, cols, tr, tc, bits, per, lanes, f0bits, f1bits, n_groups, lane_cols, x, y,
+ *               threads, width): y[T, rows] = x[T, cols] @ dequant(W)^T on `threads` OpenMP threads, with the
+ *               kernel of `width` lanes (0: the widest).
+ * tiles: int64 [row tiles * ct], the address of each tile's first byte (the caller keeps the maps alive);
+ * lane_cols: int64 [n_groups * lanes], the column of each lane (-1 past the row's end). */
+static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 17) return fail("matmul_affine takes 17 arguments");
+    geometry g;
+    int64_t *fields[] = {&g.ct, &g.rows, &g.cols, &g.tr, &g.tc, &g.bits, &g.per, &g.lanes, &g.f0bits, &g.f1bits,
+                         &g.n_groups};
+    for (int k = 0; k < 11; k++)
+        if (!get_i64(args[1 + k], fields[k])) return NULL;
+    int64_t threads, width;
+    if (!get_i64(args[15], &threads) || !get_i64(args[16], &width)) return NULL;
+    if (g.per < 1 || g.lanes % (g.per * 8) || (g.f0bits != 16 && g.f0bits != 32) || g.f1bits < 1 ||
+        g.f1bits > 8 || g.bits * g.per != 8 || g.n_groups > MAX_GROUPS || g.tc % g.lanes || g.lanes > MAX_LANES ||
+        g.ct > MAX_TILES)
+        return fail("matmul_affine: a geometry this kernel does not compute (the numba kernel does)");
+
+    Py_buffer tb = {0}, lb = {0}, xb = {0}, yb = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(args[0], &tb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (PyObject_GetBuffer(args[12], &lb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (PyObject_GetBuffer(args[13], &xb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    if (PyObject_GetBuffer(args[14], &yb, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    int64_t n_rt = (g.rows + g.tr - 1) / g.tr, xs = g.n_groups * g.lanes;
+    int64_t n_t = (int64_t)(xb.len / (Py_ssize_t)sizeof(float)) / g.cols;
+    if (tb.len != (Py_ssize_t)(n_rt * g.ct * 8) || lb.len != (Py_ssize_t)(xs * 8) ||
+        xb.len != (Py_ssize_t)(n_t * g.cols * 4) || yb.len != (Py_ssize_t)(n_t * g.rows * 4)) {
+        fail("matmul_affine: buffer sizes do not match the geometry");
+        goto done;
+    }
+    plan(&g);
+    row_fn row = row_kernel(&g, width);
+    if (!row) {
+        fail("matmul_affine: no 16-lane kernel for this CPU or geometry");
+        goto done;
+    }
+    const uint8_t *const *tiles = (const uint8_t *const *)tb.buf;
+    const int64_t *lane_cols = (const int64_t *)lb.buf;
+    const float *x = (const float *)xb.buf;
+    float *y = (float *)yb.buf;
+    float *xp = malloc(sizeof(float) * (size_t)(n_t * xs + 1));
+    if (!xp) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (int64_t t = 0; t < n_t; t++)
+        for (int64_t k = 0; k < xs; k++) xp[t * xs + k] = lane_cols[k] >= 0 ? x[t * g.cols + lane_cols[k]] : 0.0f;
+    int oom = 0;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)(threads > 0 ? threads : 1))
+#endif
+    {
+        group *gr = malloc(sizeof(group) * (size_t)g.n_groups);
+        float *acc = malloc(sizeof(float) * (size_t)(4 * g.lanes));
+        if (!gr || !acc) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            oom = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t o = 0; o < g.rows; o++)
+            if (gr && acc) row(&g, tiles, o, xp, n_t, y, gr, acc);
+        free(gr);
+        free(acc);
+    }
+    Py_END_ALLOW_THREADS
+    free(xp);
+    if (oom) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    if (tb.obj) PyBuffer_Release(&tb);
+    if (lb.obj) PyBuffer_Release(&lb);
+    if (xb.obj) PyBuffer_Release(&xb);
+    if (yb.obj) PyBuffer_Release(&yb);
+    return result;
+}
+
+/* widths(): the lane widths of the kernels this CPU runs: () without AVX2 on x86-64, (8,) or (8, 16). */
+static PyObject *widths(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    if (!has_avx2) return PyTuple_New(0);
+    return has_avx512 ? Py_BuildValue("(ii)", 8, 16) : Py_BuildValue("(i)", 8);
+}
+
+static PyMethodDef methods[] = {
+    {"matmul_affine", (PyCFunction)(void (*)(void))matmul_affine, METH_FASTCALL,
+     "y = x @ dequant(W)^T from packed affine codes (see romac/emulator/_lunit.c)"},
+    {"widths", widths, METH_NOARGS, "the lane widths of the kernels this CPU runs"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lunit", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__lunit(void) {
+#if LUNIT_X86
+    __builtin_cpu_init();
+    has_avx2 = __builtin_cpu_supports("avx2");
+    has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f");
+#endif
+    half_pow[0] = ldexpf(1.0f, -24);
+    for (int e = 1; e < 32; e++) half_pow[e] = ldexpf(1.0f, e - 25);
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,97 @@
+"""The C product kernel (romac.emulator._lunit) against the numba kernel it mirrors: bit for bit the same outputs,
+for every format it computes (INT2/INT4/INT8 affine codes with their fp16 scales), at the tile edges (rows and
+columns that are not multiples of the tile, a partial last group, lane vectors that hold only some of its
+columns), for one position and for prefills of every remainder of its blocks of four, on one and two threads,
+at each lane width this CPU runs. The numba kernel is tested against the numpy definition (test_kernels.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numba
+import numpy as np
+import pytest
+
+from romac.driver import compile_model
+import romac.emulator.kernels as K
+from romac.emulator import Machine
+from romac.passes import CompileOptions
+from romac.spec.plan import MATRIX
+from romac.targets import load_target
+from tests.conftest import small_config, small_model
+
+pytestmark = pytest.mark.skipif(not K.c_widths(), reason="the C kernel is not built or this CPU lacks AVX2")
+
+# hidden 200: groups of 128 end with 72 columns (lane vectors of 16 hold 8 of them: only some); 136: 8 columns
+_SHAPE = dict(vocab_size=203, hidden_size=200, intermediate_size=136)
+CASES = [
+    ("int4-g128", _SHAPE, dict(tile_rows=16, tile_cols=128), dict(quant="int4")),
+    ("int2-g128", _SHAPE, dict(tile_rows=16, tile_cols=128), dict(quant="int2")),
+    ("int8-g128", _SHAPE, dict(tile_rows=16, tile_cols=128), dict(quant="int8")),
+    ("int4-g64-t256", _SHAPE, dict(tile_rows=8, tile_cols=256, group_size=64), dict(quant="int4")),
+    ("int2-g32", _SHAPE, dict(tile_rows=8, tile_cols=64, group_size=32), dict(quant="int2")),
+    ("int4-g16", _SHAPE, dict(tile_rows=8, tile_cols=48, group_size=16), dict(quant="int4")),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def machine(request, tmp_path_factory):
+    name, shape, tgt, opts = request.param
+    model = small_model(small_config(num_layers=1, **shape), adapters=0)
+    target = dataclasses.replace(load_target("tiny"), **tgt)
+    out = tmp_path_factory.mktemp(name) / "out"
+    compile_model(model, out, target, CompileOptions(quant_embedding=opts["quant"], **opts))
+    return Machine(out)
+
+
+def _on_threads(n: int, f):
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return f()
+    finally:
+        numba.set_num_threads(before)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+def test_c_kernel_equals_numba(machine):
+    rng = np.random.default_rng(11)
+    rom = machine.rom
+    regions = [rid for rid, r in enumerate(rom.regions) if r.kind == MATRIX]
+    assert all(K.c_computes(rom.kernel(rid).geo) for rid in regions), "a case the C kernel should compute"
+    for rid in regions:
+        cols = rom.regions[rid].shape[1]
+        for t in (1, 2, 4, 7, 37):
+            x = rng.standard_normal((t, cols)).astype(np.float32)
+            ref = rom.matmul(rid, x, engine="numba")
+            widths = K.c_widths(rom.kernel(rid).geo)
+            assert widths and widths[0] == 8
+            for width in widths:
+                for threads in (1, 2):
+                    y = _on_threads(threads, lambda: rom.matmul(rid, x, engine="c", width=width))
+                    np.testing.assert_array_equal(_bits(y), _bits(ref), err_msg=f"{rom.regions[rid].name} "
+                                                  f"t={t} width={width} threads={threads}")
+
+
+def test_auto_uses_the_c_kernel_and_machines_agree(machine):
+    """A whole model run: the default engine (C where it computes) and numba alone give the same logits."""
+    prompt = [1, 5, 9, 2]
+    c_ids, c_logits = machine.generate(prompt, 3)
+    numba_machine = Machine(machine.manifest.root, kernel="numba")
+    n_ids, n_logits = numba_machine.generate(prompt, 3)
+    assert c_ids == n_ids
+    np.testing.assert_array_equal(_bits(c_logits), _bits(n_logits))
+
+
+def test_formats_it_does_not_compute_fall_back_to_numba():
+    geo = np.zeros(K.GEO_SIZE, np.int64)
+    geo[[K.G_FAM, K.G_BITS, K.G_PER, K.G_LANES, K.G_TC, K.G_F0BITS, K.G_F0FLOAT, K.G_F1BITS]] = (
+        K.BNB, 4, 2, 64, 128, 8, 0, 0)
+    assert not K.c_computes(geo)
+    geo[[K.G_FAM, K.G_F0BITS, K.G_F0FLOAT, K.G_F1BITS]] = (K.AFFINE, 16, 1, 4)
+    assert K.c_computes(geo)
+    geo[K.G_LANES] = 24  # groups of 24 four-bit codes: 12 bytes, not whole vectors
+    assert not K.c_computes(geo)
