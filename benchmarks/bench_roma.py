@@ -15,7 +15,8 @@ artifact directory. The artifact directories are deleted afterwards unless --kee
 (emulator against the streaming float64 golden model and the FP32 reference, ``--verify-steps`` greedy steps, the
 base and the adapter), then the emulator's greedy decode rate (``--decode-tokens`` steps after the prompt, one and
 two threads); it prints wall time, peak RSS, the relative logit error, whether the greedy tokens agree and the
-decode rate, and fails if a verify fails or passes the issue's limits (20 minutes, 6 GiB).
+decode rate, and fails if a verify fails or passes the issue's limits (20 minutes, 6 GiB). ``--decode`` measures
+only the decode rate, with the C kernel (``Machine(kernel="native")``) and numba alone, one and two threads.
 
 A/B: each ``--python LABEL=COMMAND`` is an interpreter with its own romac installed (e.g. a venv of an older
 commit), or a command that ends in one (``"numpy=env ROMAC_NATIVE=0 python"``); with ``--repeat N`` the labels
@@ -90,7 +91,7 @@ def digests(root: Path) -> dict[str, str]:
 DECODE_SNIPPET = """
 import sys, time
 from romac.emulator import Machine
-m = Machine(sys.argv[1], adapter="chat", threads=int(sys.argv[3]))
+m = Machine(sys.argv[1], adapter="chat", threads=int(sys.argv[3]), kernel=sys.argv[5])
 logits = m.step([int(t) for t in sys.argv[4].split(",")])
 t0, n = time.perf_counter(), int(sys.argv[2])
 for _ in range(n):
@@ -99,9 +100,10 @@ print(n / (time.perf_counter() - t0))
 """
 
 
-def decode_rate(exe: str, out: Path, tokens: int, threads: int) -> float:
+def decode_rate(exe: str, out: Path, tokens: int, threads: int, kernel: str = "native") -> float:
     """Greedy decode tokens/s of a compiled workload on the emulator (after an 8-token prefill, adapter resident)."""
-    proc = subprocess.run([*shlex.split(exe), "-c", DECODE_SNIPPET, str(out), str(tokens), str(threads), PROMPT_IDS],
+    proc = subprocess.run([*shlex.split(exe), "-c", DECODE_SNIPPET, str(out), str(tokens), str(threads), PROMPT_IDS,
+                           kernel],
                           capture_output=True, text=True, cwd="/")
     if proc.returncode:
         sys.exit(f"decode of {out} failed:\n{proc.stderr[-2000:]}")
@@ -125,6 +127,22 @@ def run_and_verify(model: str, target: str, exe: str, src: Path, out: Path, args
     rates = {t: decode_rate(exe, out, args.decode_tokens, t) for t in (1, 2)}
     return dict(model=model, target=target, run=(run_s, run_cpu, run_rss, run_out.strip()),
                 verify=(ver_s, ver_cpu, ver_rss), checks=found, decode=rates)
+
+
+def decode_rates(model: str, exe: str, out: Path, args) -> None:
+    """The emulator's decode rate on one compile: each (kernel, threads) in turn, --repeat rounds; the median."""
+    configs = [(k, t) for k in ("native", "numba") for t in (1, 2)]
+    rates: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    for rnd in range(args.repeat):
+        for kernel, threads in configs:
+            print(f"decode {model}: kernel={kernel}, threads={threads} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
+            rates[(kernel, threads)].append(decode_rate(exe, out, args.decode_tokens, threads, kernel))
+    print(f"\n{model}: emulator greedy decode, {args.decode_tokens} steps after an 8-token prompt, adapter resident, "
+          f"median of {args.repeat} [min-max]")
+    print("| kernel | threads | decode tok/s |")
+    print("| --- | ---: | ---: |")
+    for (kernel, threads), r in rates.items():
+        print(f"| {kernel} | {threads} | {statistics.median(r):.2f} [{min(r):.2f}-{max(r):.2f}] |")
 
 
 def print_checks(checks: list[dict]) -> None:
@@ -166,6 +184,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=4, help="greedy tokens of the `romac run` step")
     ap.add_argument("--decode-tokens", type=int, default=16, help="greedy steps of the decode-rate measurement")
     ap.add_argument("--verify-steps", type=int, default=16, help="greedy steps `romac verify` compares")
+    ap.add_argument("--decode", action="store_true",
+                    help="also the emulator's greedy decode rate of each compile, with Machine(kernel=native) (the C "
+                         "kernel) and kernel=numba, one and two threads, taking turns --repeat times")
     args = ap.parse_args()
     pythons = [tuple(p.split("=", 1)) for p in args.python] if args.python else [("romac", sys.executable)]
     rows, sums, checks = [], {}, []
@@ -189,6 +210,8 @@ def main() -> None:
                 rows.append((model, target, label, params, seconds, cpu, rss, report))
         if args.verify:
             checks.append(run_and_verify(model, target, pythons[-1][1], src, out, args))
+        if args.decode:
+            decode_rates(model, pythons[-1][1], out, args)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     print("| model (synthetic, real shapes) | target | romac | parameters | wall s | Mparam/s | CPU s | peak RSS GiB "

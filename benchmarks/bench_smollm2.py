@@ -7,7 +7,8 @@ The real model and adapter come from the test fixtures (tests/fixtures/smollm2.p
 ``$ROMAC_TEST_CACHE`` or ``~/.cache/romac-tests``; the first run builds them, the ONNX export takes minutes).
 For each ``--quant`` the FP32 checkpoint plus its LoRA adapter (r=8, all seven projections) is compiled onto
 ``benchmarks/targets/bench-1g.toml`` and run by the emulator with the adapter resident, with
-``Machine(threads=1)`` (the default) and ``threads=2`` (decode products split over two threads; bit-identical).
+``Machine(threads=1)`` (the default) and ``threads=2`` (large products split over two threads; bit-identical), and
+with ``kernel="native"`` (the C kernel for the affine formats) and ``kernel="numba"`` (numba alone; same bits).
 onnxruntime runs the FP32 base model (the adapter makes no difference to its speed; ``--onnx-adapter`` uses the
 export with the adapter merged), once with its default intra-op threads and once with one.
 
@@ -32,11 +33,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 
-def emulator_run(art: Path, threads: int, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
+def emulator_run(art: Path, threads: int, kernel: str, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
     """(prefill s, decode tokens/s, generated ids) on a freshly loaded Machine (ROM decoded before timing)."""
     from romac.emulator import Machine
 
-    m = Machine(art, adapter="chat", threads=threads)
+    m = Machine(art, adapter="chat", threads=threads, kernel=kernel)
     m.step([prompt[0]])  # decodes every ROM region once
     m.reset()
     t0 = time.perf_counter()
@@ -73,6 +74,9 @@ def main() -> None:
     ap.add_argument("--quant", action="append", default=None, help="romac --quant for the emulator (repeatable)")
     ap.add_argument("--threads", type=int, action="append", default=None,
                     help="Machine(threads=...) for the emulator (repeatable; default 1 and 2)")
+    ap.add_argument("--kernel", action="append", default=None,
+                    help="Machine(kernel=...): native (the C kernel where it computes, numba elsewhere) and/or numba "
+                         "(repeatable; default both)")
     ap.add_argument("--tokens", type=int, default=64, help="decode steps")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the table shows the median")
@@ -82,6 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     quants = args.quant or ["int4", "nf4"]
     threads = args.threads or [1, 2]
+    kernels = args.kernel or ["native", "numba"]
 
     from romac.driver import compile_checkpoint
     from romac.passes import CompileOptions
@@ -98,8 +103,9 @@ def main() -> None:
         print(f"compiled {q} in {time.perf_counter() - t0:.1f} s -> {out}", flush=True)
         arts[q] = out
 
-    engines: list[tuple[str, object]] = [(f"romac emulator, {q} + LoRA r8, threads={t}", ("emu", (arts[q], t)))
-                                         for q in quants for t in threads]
+    engines: list[tuple[str, object]] = [
+        (f"romac emulator ({k}), {q} + LoRA r8, threads={t}", ("emu", (arts[q], t, k)))
+        for q in quants for k in kernels for t in threads]
     if not args.no_onnx:
         from tests.fixtures.onnx_exports import export_info, onnx_export, ort_session
 

@@ -318,56 +318,124 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
     return a[0];
 }
 
-/* One position of row o when one block of NV lane vectors holds a whole group (G = NV * W) of BITS-bit codes:
- * the groups are read straight from the tiles as they stream past, each group's lanes added in registers, and
- * each lane vector's byte offset and shift are constants. */
+/* One position, the rows of row tile i, when one block of NV lane vectors holds a whole group (G = NV * W) of
+ * BITS-bit codes. The tiles are read one after another, each from its first row to its last (three runs of
+ * bytes: codes, scales, zero points), as numba's kernel reads them; a row's lanes are loaded into registers at
+ * the start of each tile and stored at its end (acc: [tile rows][G]), so each lane still adds the row's groups in
+ * column order. Each lane vector's byte offset and shift are constants. */
 #define DEFINE_ONE_POSITION(V, VEC, W, TARGET, NV, BITS)                                                         \
-    static TARGET void V##_one_position_##BITS(const geometry *g, const uint8_t *const *tiles, int64_t o,      \
+    static TARGET void V##_one_position_##BITS(const geometry *g, const uint8_t *const *tiles, int64_t i,      \
                                                const float *xp, float *y, float *acc) {                         \
         enum { G = NV * W, ST = G / (8 / BITS), GBYTES = G * BITS / 8 };                                         \
         const lane_vectors *L = &g->V;                                                                           \
         const int64_t xs = 0;                                                                                    \
-        int64_t i = o / g->tr, rr = o - i * g->tr;                                                               \
         int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;                                   \
-        VEC a[1][NV];                                                                                            \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) a[0][v] = (VEC){0};                                 \
         for (int64_t j = 0; j < g->ct; j++) {                                                                    \
             const uint8_t *tile = tiles[i * g->ct + j];                                                          \
             int64_t rbc = g->code_row[j], ngc = g->tile_groups[j];                                               \
-            const uint8_t *p0 = tile + r * rbc + rr * g->s_row[j];                                               \
-            const uint8_t *p1 = tile + r * rbc + r * g->s_row[j] + rr * g->z_row[j];                             \
-            group q = {tile + rr * rbc, 0.0f, 0.0f, G};                                                          \
-            const float *x = xp + j * g->tc;                                                                     \
-            for (int64_t k = 0; k < ngc; k++, q.codes += GBYTES, x += G) {                                       \
-                q.s = V##_scale(g, p0, k);                                                                       \
-                q.z = (float)packed_at(p1, k, g->f1bits);                                                        \
-                V##_group p = V##_prepare(g, &q);                                                                \
-                int64_t len = g->tile_cols[j] - k * G;                                                           \
-                if (len >= G) {                                                                                  \
+            for (int64_t rr = 0; rr < r; rr++) {                                                                 \
+                const uint8_t *p0 = tile + r * rbc + rr * g->s_row[j];                                           \
+                const uint8_t *p1 = tile + r * rbc + r * g->s_row[j] + rr * g->z_row[j];                         \
+                group q = {tile + rr * rbc, 0.0f, 0.0f, G};                                                      \
+                const float *x = xp + j * g->tc;                                                                 \
+                float *row_acc = acc + rr * G;                                                                   \
+                VEC a[1][NV];                                                                                    \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                           \
+                    if (j == 0)                                                                                  \
+                        a[0][v] = (VEC){0};                                                                      \
+                    else                                                                                         \
+                        memcpy(&a[0][v], row_acc + v * W, sizeof a[0][v]);                                       \
+                }                                                                                                \
+                for (int64_t k = 0; k < ngc; k++, q.codes += GBYTES, x += G) {                                   \
+                    q.s = V##_scale(g, p0, k);                                                                   \
+                    q.z = (float)packed_at(p1, k, g->f1bits);                                                    \
+                    V##_group p = V##_prepare(g, &q);                                                            \
+                    int64_t len = g->tile_cols[j] - k * G;                                                       \
+                    if (len >= G) {                                                                              \
+                        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                   \
+                            VEC w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));   \
+                            ADD_PRODUCTS(1, VEC, W, v, w)                                                        \
+                        }                                                                                        \
+                        continue;                                                                                \
+                    }                                                                                            \
+                    q.len = len;                                                                                 \
                     _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                       \
-                        VEC w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));       \
+                        VEC w;                                                                                   \
+                        int held = lanes_held(L, v, len);                                                        \
+                        if (held == 0) continue;                                                                 \
+                        if (held == 1) {                                                                         \
+                            w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));       \
+                        } else {                                                                                 \
+                            float part[W];                                                                       \
+                            partial_weights(g, &q, v, W, part);                                                  \
+                            memcpy(&w, part, sizeof w);                                                          \
+                        }                                                                                        \
                         ADD_PRODUCTS(1, VEC, W, v, w)                                                            \
                     }                                                                                            \
-                    continue;                                                                                    \
                 }                                                                                                \
-                q.len = len;                                                                                     \
-                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                           \
-                    VEC w;                                                                                       \
-                    int held = lanes_held(L, v, len);                                                            \
-                    if (held == 0) continue;                                                                     \
-                    if (held == 1) {                                                                             \
-                        w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));           \
-                    } else {                                                                                     \
-                        float part[W];                                                                           \
-                        partial_weights(g, &q, v, W, part);                                                      \
-                        memcpy(&w, part, sizeof w);                                                              \
-                    }                                                                                            \
-                    ADD_PRODUCTS(1, VEC, W, v, w)                                                                \
-                }                                                                                                \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                             \
+                    memcpy(row_acc + v * W, &a[0][v], sizeof a[0][v]);                                           \
             }                                                                                                    \
         }                                                                                                        \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) memcpy(acc + v * W, &a[0][v], sizeof a[0][v]);      \
-        y[o] = tree(acc, G);                                                                                     \
+        for (int64_t rr = 0; rr < r; rr++) y[i * g->tr + rr] = tree(acc + rr * G, G);                            \
+    }
+
+/* NT positions, the NV lane vectors from LV0, of a row whose groups (gr, from row_groups) are G = 8 * W lanes of
+ * BITS-bit codes: the offsets and shifts are constants, each lane vector's weights are computed once for the NT
+ * positions. acc: [NT][G]. */
+#define DEFINE_PREFILL(V, VEC, W, TARGET, NT, NV, BITS, LV0)                                                     \
+    static TARGET void V##_prefill_##BITS##_##LV0(const geometry *g, const group *gr, int64_t ng,              \
+                                                  const float *xp, int64_t xs, float *acc) {                    \
+        enum { G = 8 * W, ST = G / (8 / BITS) };                                                                 \
+        const lane_vectors *L = &g->V;                                                                           \
+        VEC a[NT][NV];                                                                                           \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                     \
+            _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) a[t][v] = (VEC){0};                            \
+        int64_t whole = ng > 0 && gr[ng - 1].len < G ? ng - 1 : ng;                                              \
+        for (int64_t k = 0; k < whole; k++) {                                                                    \
+            const float *x = xp + k * G + LV0 * W;                                                               \
+            V##_group p = V##_prepare(g, gr + k);                                                                \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                               \
+                VEC w = V##_weights_at(&p, gr[k].codes + ((LV0 + v) * W) % ST,                                   \
+                                       8 - BITS * (((LV0 + v) * W) / ST + 1));                                   \
+                ADD_PRODUCTS(NT, VEC, W, v, w)                                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+        if (whole < ng) {                                                                                        \
+            const group *q = gr + whole;                                                                         \
+            const float *x = xp + whole * G + LV0 * W;                                                           \
+            V##_group p = V##_prepare(g, q);                                                                     \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                               \
+                VEC w;                                                                                           \
+                int held = lanes_held(L, LV0 + v, q->len);                                                       \
+                if (held == 0) continue;                                                                         \
+                if (held == 1) {                                                                                 \
+                    w = V##_weights_at(&p, q->codes + ((LV0 + v) * W) % ST, 8 - BITS * (((LV0 + v) * W) / ST + 1)); \
+                } else {                                                                                         \
+                    float part[W];                                                                               \
+                    partial_weights(g, q, LV0 + v, W, part);                                                     \
+                    memcpy(&w, part, sizeof w);                                                                  \
+                }                                                                                                \
+                ADD_PRODUCTS(NT, VEC, W, v, w)                                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++)                                                     \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                 \
+                memcpy(acc + t * G + (LV0 + v) * W, &a[t][v], sizeof a[t][v]);                                  \
+    }
+
+/* The constant-shift prefill of BITS-bit codes: 8 positions, lane vectors two at a time. */
+#define DEFINE_PREFILLS(V, VEC, W, TARGET, BITS)                                                                 \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 0)                                                             \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 2)                                                             \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 4)                                                             \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 6)                                                             \
+    static TARGET void V##_prefill_##BITS(const geometry *g, const group *gr, int64_t ng, const float *xp,      \
+                                          int64_t xs, float *acc) {                                              \
+        V##_prefill_##BITS##_0(g, gr, ng, xp, xs, acc);                                                          \
+        V##_prefill_##BITS##_2(g, gr, ng, xp, xs, acc);                                                          \
+        V##_prefill_##BITS##_4(g, gr, ng, xp, xs, acc);                                                          \
+        V##_prefill_##BITS##_6(g, gr, ng, xp, xs, acc);                                                          \
     }
 
 /* y[t][o] for every position t of row o: blocks of 4 positions, then one at a time, each over the group's lane
@@ -380,15 +448,18 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
     DEFINE_BLOCK(V, VEC, W, TARGET, 4, P4)                                                                       \
     DEFINE_BLOCK(V, VEC, W, TARGET, 4, 1)                                                                        \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 2)                                                                 \
+    DEFINE_PREFILLS(V, VEC, W, TARGET, 2)                                                                        \
+    DEFINE_PREFILLS(V, VEC, W, TARGET, 4)                                                                        \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 4)                                                                 \
     static TARGET void V##_row(const geometry *g, const uint8_t *const *tiles, int64_t o, const float *xp,      \
                                int64_t n_t, float *y, group *gr, float *acc) {                                  \
         const int64_t G = g->lanes, nvec = G / W, xs = g->n_groups * G;                                          \
-        if (n_t == 1 && nvec == 8 && (g->bits == 2 || g->bits == 4)) {                                           \
-            (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, o, xp, y, acc);                   \
-            return;                                                                                              \
-        }                                                                                                        \
         int64_t ng = row_groups(g, tiles, o, gr), t0 = 0;                                                        \
+        if (nvec == 8 && (g->bits == 2 || g->bits == 4))                                                         \
+            for (; t0 + 8 <= n_t; t0 += 8) {                                                                     \
+                (g->bits == 2 ? V##_prefill_2 : V##_prefill_4)(g, gr, ng, xp + t0 * xs, xs, acc);                \
+                for (int64_t t = 0; t < 8; t++) y[(t0 + t) * g->rows + o] = tree(acc + t * G, G);                \
+            }                                                                                                    \
         for (; t0 + 4 <= n_t; t0 += 4) {                                                                         \
             int64_t lv = 0;                                                                                      \
             for (; lv + P4 <= nvec; lv += P4) V##_block_4_##P4(g, gr, ng, xp + t0 * xs, xs, lv, acc);            \
@@ -403,6 +474,10 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
             for (; lv < nvec; lv++) V##_block_1_1(g, gr, ng, xp + t0 * xs, xs, lv, acc);                         \
             y[t0 * g->rows + o] = tree(acc, G);                                                                  \
         }                                                                                                        \
+    }                                                                                                            \
+    static TARGET void V##_tile_rows(const geometry *g, const uint8_t *const *tiles, int64_t i, const float *xp, \
+                                     float *y, float *acc) {                                                     \
+        (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, i, xp, y, acc);                       \
     }
 
 DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2, 1)
@@ -414,6 +489,18 @@ typedef void (*row_fn)(const geometry *, const uint8_t *const *, int64_t, const 
                        float *);
 
 static int has_avx2 = 1, has_avx512 = 0;
+
+typedef void (*tile_fn)(const geometry *, const uint8_t *const *, int64_t, const float *, float *, float *);
+
+/* The kernel of one position over a row tile at a time, where there is one: groups of exactly 8 lane vectors of
+ * 2- or 4-bit codes (else NULL: the row kernel computes it). */
+static tile_fn tile_kernel(const geometry *g, row_fn row) {
+    if (!(g->bits == 2 || g->bits == 4)) return NULL;
+#if LUNIT_X86
+    if (row == v16_row) return g->lanes == 8 * 16 ? v16_tile_rows : NULL;
+#endif
+    return g->lanes == 8 * 8 ? v8_tile_rows : NULL;
+}
 
 /* Whether the 16-lane kernel computes this geometry on this CPU. */
 static int v16_computes(const geometry *g) {
@@ -489,24 +576,33 @@ static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t
     for (int64_t t = 0; t < n_t; t++)
         for (int64_t k = 0; k < xs; k++) xp[t * xs + k] = lane_cols[k] >= 0 ? x[t * g.cols + lane_cols[k]] : 0.0f;
     int oom = 0;
+    tile_fn tiles_at_once = n_t == 1 ? tile_kernel(&g, row) : NULL;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
 #pragma omp parallel num_threads((int)(threads > 0 ? threads : 1))
 #endif
     {
         group *gr = malloc(sizeof(group) * (size_t)g.n_groups);
-        float *acc = malloc(sizeof(float) * (size_t)(4 * g.lanes));
+        float *acc = malloc(sizeof(float) * (size_t)((g.tr > 8 ? g.tr : 8) * g.lanes));
         if (!gr || !acc) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
             oom = 1;
         }
+        if (tiles_at_once) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t o = 0; o < g.rows; o++)
-            if (gr && acc) row(&g, tiles, o, xp, n_t, y, gr, acc);
+            for (int64_t i = 0; i < n_rt; i++)
+                if (gr && acc) tiles_at_once(&g, tiles, i, xp, y, acc);
+        } else {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int64_t o = 0; o < g.rows; o++)
+                if (gr && acc) row(&g, tiles, o, xp, n_t, y, gr, acc);
+        }
         free(gr);
         free(acc);
     }
