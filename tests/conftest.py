@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import os
 import tempfile
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
 from romac.driver import compile_model
+from romac.emulator import Machine
 import romac.emulator.kernels as kernels
 from romac.frontend.builtin import random_adapter, random_weights
 from romac.ir import ModelConfig, make_model
+from romac.passes import CompileOptions
+from romac.targets import load_target
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -94,6 +99,27 @@ def hf_checkpoint(tmp_path_factory):
                 p.normal_(0, 0.05)
     pm.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
+
+
+def kernel_case_machine(case: tuple, tmp_path_factory):
+    """A Machine on a one-layer random model compiled for a kernel test case: (id, model shape, target changes,
+    compile options)."""
+    name, shape, tgt, opts = case
+    model = small_model(small_config(num_layers=1, **shape), adapters=0)
+    target = dataclasses.replace(load_target("tiny"), **tgt)
+    out = tmp_path_factory.mktemp(name) / "out"
+    compile_model(model, out, target, CompileOptions(quant_embedding=opts["quant"], **opts))
+    return Machine(out)
+
+
+def on_threads(n: int, f):
+    """f() with numba's thread count (which the native kernels use) set to n, then restored."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return f()
+    finally:
+        numba.set_num_threads(before)
 
 
 def _compiled_once_across_workers(fn, kind_of):

@@ -6,19 +6,14 @@ at each lane width this CPU runs. The numba kernel is tested against the numpy d
 
 from __future__ import annotations
 
-import dataclasses
 
-import numba
 import numpy as np
 import pytest
 
-from romac.driver import compile_model
 import romac.emulator.kernels as K
 from romac.emulator import Machine
-from romac.passes import CompileOptions
 from romac.spec.plan import MATRIX
-from romac.targets import load_target
-from tests.conftest import small_config, small_model
+from tests.conftest import kernel_case_machine, on_threads
 
 pytestmark = pytest.mark.skipif(not K.c_widths(), reason="the C kernel is not built or this CPU lacks AVX2")
 
@@ -36,21 +31,7 @@ CASES = [
 
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def machine(request, tmp_path_factory):
-    name, shape, tgt, opts = request.param
-    model = small_model(small_config(num_layers=1, **shape), adapters=0)
-    target = dataclasses.replace(load_target("tiny"), **tgt)
-    out = tmp_path_factory.mktemp(name) / "out"
-    compile_model(model, out, target, CompileOptions(quant_embedding=opts["quant"], **opts))
-    return Machine(out)
-
-
-def _on_threads(n: int, f):
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        return f()
-    finally:
-        numba.set_num_threads(before)
+    return kernel_case_machine(request.param, tmp_path_factory)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -71,7 +52,7 @@ def test_c_kernel_equals_numba(machine):
             assert widths and widths[0] == 8
             for width in widths:
                 for threads in (1, 2):
-                    y = _on_threads(threads, lambda: rom.matmul(rid, x, engine="c", width=width))
+                    y = on_threads(threads, lambda: rom.matmul(rid, x, engine="c", width=width))
                     np.testing.assert_array_equal(_bits(y), _bits(ref), err_msg=f"{rom.regions[rid].name} "
                                                   f"t={t} width={width} threads={threads}")
 

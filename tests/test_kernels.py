@@ -10,20 +10,15 @@ alone and the same position inside a prefill.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-import numba
 import numpy as np
 import pytest
 
-from romac.driver import compile_model
 import romac.emulator.kernels as K
 from romac.emulator import Machine
-from romac.passes import CompileOptions
 from romac.spec.plan import MATRIX
-from romac.targets import load_target
-from tests.conftest import small_config, small_model
+from tests.conftest import kernel_case_machine, on_threads
 
 U = 2.0 ** -24  # float32 unit roundoff
 
@@ -49,25 +44,11 @@ CASES = [
 
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def machine(request, tmp_path_factory):
-    name, shape, tgt, opts = request.param
-    model = small_model(small_config(num_layers=1, **shape), adapters=0)
-    target = dataclasses.replace(load_target("tiny"), **tgt)
-    out = tmp_path_factory.mktemp(name) / "out"
-    compile_model(model, out, target, CompileOptions(quant_embedding=opts["quant"], **opts))
-    return Machine(out)
+    return kernel_case_machine(request.param, tmp_path_factory)
 
 
 def _matrices(m: Machine) -> list[int]:
     return [rid for rid, r in enumerate(m.manifest.regions) if r.kind == MATRIX]
-
-
-def _on_threads(n: int, f):
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        return f()
-    finally:
-        numba.set_num_threads(before)
 
 
 def test_matmul_against_the_definition(machine):
@@ -96,13 +77,13 @@ def test_bit_identical_across_threads_runs_and_prefill(machine):
     for rid in _matrices(machine):
         cols = rom.regions[rid].shape[1]
         x = rng.standard_normal((5, cols)).astype(np.float32)
-        one = _on_threads(1, lambda: rom.matmul(rid, x))
-        two = _on_threads(2, lambda: rom.matmul(rid, x))
-        again = _on_threads(2, lambda: rom.matmul(rid, x))
+        one = on_threads(1, lambda: rom.matmul(rid, x))
+        two = on_threads(2, lambda: rom.matmul(rid, x))
+        again = on_threads(2, lambda: rom.matmul(rid, x))
         np.testing.assert_array_equal(one, two)
         np.testing.assert_array_equal(two, again)
         for t in (0, 4):  # a position alone (the decode path) equals the same position in a prefill
-            alone = _on_threads(2, lambda: rom.matmul(rid, x[t:t + 1]))
+            alone = on_threads(2, lambda: rom.matmul(rid, x[t:t + 1]))
             np.testing.assert_array_equal(alone[0], one[t])
 
 

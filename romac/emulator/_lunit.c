@@ -253,6 +253,24 @@ static inline TARGET_V16 v16f v16_weights(const v16_group *p, const uint8_t *cod
         a[t][v] += (w) * xv;                                                                                     \
     }
 
+/* The products of group q, which is not whole, for the NV lane vectors from LV into a[NT][NV]: lane vectors
+ * that hold all their columns by WEIGHTS (an expression in v, as for a whole group), those that hold some one
+ * weight at a time, those that hold none not at all. */
+#define PARTIAL_GROUP(V, VEC, W, NT, NV, q, LV, WEIGHTS)                                                         \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                                       \
+        VEC w;                                                                                                   \
+        int held = lanes_held(L, (LV) + v, (q)->len);                                                            \
+        if (held == 0) continue;                                                                                 \
+        if (held == 1) {                                                                                         \
+            w = WEIGHTS;                                                                                         \
+        } else {                                                                                                 \
+            float part[W];                                                                                       \
+            partial_weights(g, (q), (LV) + v, W, part);                                                          \
+            memcpy(&w, part, sizeof w);                                                                          \
+        }                                                                                                        \
+        ADD_PRODUCTS(NT, VEC, W, v, w)                                                                           \
+    }
+
 /* acc[t][lane] for NT positions and the NV lane vectors (of W lanes) from lv0, over all the row's groups in
  * column order (only the last can be partial: tiles start on group boundaries). xp: the positions' inputs in
  * lane order ([T][n_groups * G]); acc: [NT][G]. The accumulators a[NT][NV] stay in registers. */
@@ -277,19 +295,7 @@ static inline TARGET_V16 v16f v16_weights(const v16_group *p, const uint8_t *cod
             const group *q = gr + whole;                                                                         \
             const float *x = xp + whole * G + lv0 * W;                                                           \
             V##_group p = V##_prepare(g, q);                                                                     \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                               \
-                VEC w;                                                                                           \
-                int held = lanes_held(L, lv0 + v, q->len);                                                       \
-                if (held == 0) continue;                                                                         \
-                if (held == 1) {                                                                                 \
-                    w = V##_weights(&p, q->codes, L, lv0 + v);                                                   \
-                } else {                                                                                         \
-                    float part[W];                                                                               \
-                    partial_weights(g, q, lv0 + v, W, part);                                                     \
-                    memcpy(&w, part, sizeof w);                                                                  \
-                }                                                                                                \
-                ADD_PRODUCTS(NT, VEC, W, v, w)                                                                   \
-            }                                                                                                    \
+            PARTIAL_GROUP(V, VEC, W, NT, NV, q, lv0, V##_weights(&p, q->codes, L, lv0 + v))                      \
         }                                                                                                        \
         _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++)                                                     \
             _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                 \
@@ -359,19 +365,8 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
                         continue;                                                                                \
                     }                                                                                            \
                     q.len = len;                                                                                 \
-                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                       \
-                        VEC w;                                                                                   \
-                        int held = lanes_held(L, v, len);                                                        \
-                        if (held == 0) continue;                                                                 \
-                        if (held == 1) {                                                                         \
-                            w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));       \
-                        } else {                                                                                 \
-                            float part[W];                                                                       \
-                            partial_weights(g, &q, v, W, part);                                                  \
-                            memcpy(&w, part, sizeof w);                                                          \
-                        }                                                                                        \
-                        ADD_PRODUCTS(1, VEC, W, v, w)                                                            \
-                    }                                                                                            \
+                    PARTIAL_GROUP(V, VEC, W, 1, NV, &q, 0,                                                       \
+                                  V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1)))     \
                 }                                                                                                \
                 _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                             \
                     memcpy(row_acc + v * W, &a[0][v], sizeof a[0][v]);                                           \
@@ -405,19 +400,8 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
             const group *q = gr + whole;                                                                         \
             const float *x = xp + whole * G + LV0 * W;                                                           \
             V##_group p = V##_prepare(g, q);                                                                     \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                               \
-                VEC w;                                                                                           \
-                int held = lanes_held(L, LV0 + v, q->len);                                                       \
-                if (held == 0) continue;                                                                         \
-                if (held == 1) {                                                                                 \
-                    w = V##_weights_at(&p, q->codes + ((LV0 + v) * W) % ST, 8 - BITS * (((LV0 + v) * W) / ST + 1)); \
-                } else {                                                                                         \
-                    float part[W];                                                                               \
-                    partial_weights(g, q, LV0 + v, W, part);                                                     \
-                    memcpy(&w, part, sizeof w);                                                                  \
-                }                                                                                                \
-                ADD_PRODUCTS(NT, VEC, W, v, w)                                                                   \
-            }                                                                                                    \
+            PARTIAL_GROUP(V, VEC, W, NT, NV, q, LV0,                                                             \
+                          V##_weights_at(&p, q->codes + ((LV0 + v) * W) % ST, 8 - BITS * (((LV0 + v) * W) / ST + 1))) \
         }                                                                                                        \
         _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++)                                                     \
             _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                 \
