@@ -27,7 +27,8 @@ as constants: the unpacking shifts are then constants and the loops vectorise in
 
 Two engines compute these products. For the formats of both ROMA chips (INT2/INT4/INT8 affine codes, whole codes
 a byte, an fp16 or fp32 scale) the C extension :mod:`romac.emulator._lunit` (built by the package where there
-is a C compiler) computes them in the same order, so bit for bit the same, 1.5-3x faster (docs/performance.md):
+is a C compiler) computes them in the same order, so bit for bit the same, and faster (SmolLM2's INT4 decode
+1.9x, the 8B's INT2 3.5-7x: docs/performance.md):
 it keeps a block of accumulator lanes in vector registers while a row's groups stream past, and with AVX-512 it
 computes each group's 2^bits weights once and lets every code pick its own. numba computes everything else
 (bitsandbytes codes, raw floats, groups that split bytes), and everything when the extension is absent.
