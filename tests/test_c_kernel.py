@@ -74,5 +74,11 @@ def test_formats_it_does_not_compute_fall_back_to_numba():
     assert not K.c_computes(geo)
     geo[[K.G_FAM, K.G_F0BITS, K.G_F0FLOAT, K.G_F1BITS]] = (K.AFFINE, 16, 1, 4)
     assert K.c_computes(geo)
+    geo[[K.G_COLS, K.G_NGROUPS]] = (4096, 64)
+    assert K.c_computes(geo)
+    max_groups, _, _ = K._lunit.limits()
+    geo[[K.G_COLS, K.G_NGROUPS, K.G_TC]] = (64 * (max_groups + 1), max_groups + 1, 1 << 20)
+    assert not K.c_computes(geo)  # a row longer than the C kernel's tables hold
+    geo[[K.G_COLS, K.G_NGROUPS, K.G_TC]] = (4096, 64, 128)
     geo[K.G_LANES] = 24  # groups of 24 four-bit codes: 12 bytes, not whole vectors
     assert not K.c_computes(geo)

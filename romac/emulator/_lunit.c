@@ -1,6 +1,6 @@
 /* The L-Unit's affine group-dequantize-and-accumulate, as a C extension: the hot path of
- * romac.emulator.kernels for whole integer codes in a byte (INT2, INT4, INT8 with an fp16/fp32 scale and a
- * packed zero point), the formats of both ROMA chips.
+ * romac.emulator.kernels for whole integer codes in a byte (INT2, INT4, INT8 with an fp16 scale and a packed
+ * zero point), the formats of both ROMA chips.
  *
  * It computes exactly what the numba kernel of romac/emulator/kernels.py computes, in the same order (that
  * module's doc is the definition): each weight float32(s) * (q - z), each product w * x, each lane's sum in
@@ -12,8 +12,9 @@
  * The byte layout of a tile (codes, then scales, then zero points, each part's rows padded to whole bytes) is
  * romac.spec.layout's; the kernels' arithmetic on it mirrors romac/emulator/kernels.py `_walk`.
  *
- * Vectors are GCC/Clang vector extensions (8 float32 lanes), which the compiler maps onto AVX2 on x86-64 and
- * NEON elsewhere; on x86-64 the kernel is compiled for AVX2 and only used when the CPU has it.
+ * Vectors are GCC/Clang vector extensions of 8 float32 lanes, which the compiler maps onto AVX2 on x86-64 and
+ * NEON elsewhere (on x86-64 compiled for AVX2 and only used when the CPU has it), and of 16 lanes with AVX-512
+ * intrinsics where the CPU has AVX-512F (codes of at most 4 bits: each group's weights looked up by a permute).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -614,10 +615,18 @@ static PyObject *widths(PyObject *self, PyObject *noargs) {
     return has_avx512 ? Py_BuildValue("(ii)", 8, 16) : Py_BuildValue("(i)", 8);
 }
 
+/* limits(): (groups a row, lanes a group, column tiles) the per-product tables hold. */
+static PyObject *limits(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return Py_BuildValue("(iii)", MAX_GROUPS, MAX_LANES, MAX_TILES);
+}
+
 static PyMethodDef methods[] = {
     {"matmul_affine", (PyCFunction)(void (*)(void))matmul_affine, METH_FASTCALL,
      "y = x @ dequant(W)^T from packed affine codes (see romac/emulator/_lunit.c)"},
     {"widths", widths, METH_NOARGS, "the lane widths of the kernels this CPU runs"},
+    {"limits", limits, METH_NOARGS, "(groups a row, lanes a group, column tiles) the kernel's tables hold"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lunit", NULL, -1, methods, NULL, NULL, NULL, NULL};

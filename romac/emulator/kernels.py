@@ -376,11 +376,16 @@ def c_widths(geo: np.ndarray | None = None) -> tuple[int, ...]:
 
 def c_computes(geo: np.ndarray) -> bool:
     """Whether the C kernel computes a region of this geometry: affine codes a whole number to the byte with
-    lane groups of whole 8-lane vectors, an fp16 scale (the affine formats' storage), whole groups in a tile."""
+    lane groups of whole 8-lane vectors, an fp16 scale (the affine formats' storage), whole groups in a tile, and
+    a row within the sizes its tables hold (``_lunit.limits()``)."""
     bits, per, lanes = int(geo[G_BITS]), int(geo[G_PER]), int(geo[G_LANES])
-    return (bool(c_widths()) and geo[G_FAM] == AFFINE and bits * per == 8 and lanes % (8 * per) == 0
+    if not c_widths():
+        return False
+    max_groups, max_lanes, max_tiles = _lunit.limits()
+    return (geo[G_FAM] == AFFINE and bits * per == 8 and lanes % (8 * per) == 0 and lanes <= max_lanes
             and bool(geo[G_F0FLOAT]) and geo[G_F0BITS] == 16 and 1 <= geo[G_F1BITS] <= 8
-            and geo[G_TC] % lanes == 0)
+            and geo[G_TC] % lanes == 0 and geo[G_NGROUPS] <= max_groups
+            and -(-int(geo[G_COLS]) // int(geo[G_TC])) <= max_tiles)
 
 
 def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
