@@ -26,7 +26,7 @@ The kernels are compiled once per kind of code (family, code bits, codes a byte,
 as constants: the unpacking shifts are then constants and the loops vectorise in 32-bit lanes.
 
 Two engines compute these products. For the formats of both ROMA chips (INT2/INT4/INT8 affine codes, whole codes
-a byte, an fp16 or fp32 scale) the C extension :mod:`romac.emulator._lunit` (built by the package where there
+a byte, an fp16 scale) the C extension :mod:`romac.emulator._lunit` (built by the package where there
 is a C compiler) computes them in the same order, so bit for bit the same, and faster (SmolLM2's INT4 decode
 1.9x, the 8B's INT2 3.5-7x: docs/performance.md):
 it keeps a block of accumulator lanes in vector registers while a row's groups stream past, and with AVX-512 it
@@ -393,13 +393,14 @@ def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndar
            engine: str = "auto", width: int = 0) -> np.ndarray:
     """``x @ dequant(W)^T`` (float32 [T, out]), rows spread over numba's thread count (numba.set_num_threads).
 
-    ``tile_address`` (int64, the address of each tile's first byte in the mapped banks) lets the C kernel compute
-    it; ``engine`` picks who does (ENGINES), ``width`` the C kernel's lane width (0: the widest). Every choice
-    gives the same bits."""
+    ``tile_address`` (int64, the address of each tile's first byte in the mapped banks), given for a region that
+    ``c_computes``, lets the C kernel compute it (checked once per region by the caller, not per product);
+    ``engine`` picks who does (ENGINES), ``width`` the C kernel's lane width (0: the widest). Every choice gives
+    the same bits."""
     y = np.empty((x.shape[0], int(geo[G_ROWS])), f32)
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
-    use_c = engine != "numba" and tile_address is not None and c_computes(geo)
+    use_c = engine != "numba" and tile_address is not None
     if engine == "c" and not use_c:
         raise ValueError("the C kernel does not compute this region (or is not built)")
     if use_c:

@@ -42,7 +42,8 @@ class MatrixKernel:
     values: np.ndarray  # float32: the code values (bitsandbytes; else unused)
     nested: np.ndarray  # float32: the nested absmax (double quantization; else unused)
     offset: float  # the double quantization's offset (0.0 without)
-    tile_address: np.ndarray | None = None  # int64 [row tiles · column tiles]: each tile's address in the maps
+    # int64 [row tiles · column tiles]: each tile's address in the maps, for the C kernel (None: numba computes it)
+    tile_address: np.ndarray | None = None
 
 
 def prepare(fmt: WeightFormat, grid: TileGrid, start_bank: int, extents, n_banks: int, word_bytes: int,
@@ -159,9 +160,10 @@ class Rom:
             r = self.regions[rid]
             k = prepare(r.format, r.grid, r.start_bank, r.extents, self.n_banks, self.word_bytes,
                         self.constants(rid))
-            # where each tile lies in this process' maps, for the C kernel (the maps live as long as the Rom)
-            address = self._bank_address[k.tile_bank] + k.tile_offset
-            k = self._kernels[rid] = dataclasses.replace(k, tile_address=np.ascontiguousarray(address.reshape(-1)))
+            if K.c_computes(k.geo):  # where each tile lies in this process' maps (they live as long as the Rom)
+                address = self._bank_address[k.tile_bank] + k.tile_offset
+                k = dataclasses.replace(k, tile_address=np.ascontiguousarray(address.reshape(-1)))
+            self._kernels[rid] = k
         return k
 
     def matmul(self, rid: int, x: np.ndarray, engine: str = "auto", width: int = 0) -> np.ndarray:
