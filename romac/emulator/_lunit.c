@@ -112,14 +112,6 @@ static void plan(geometry *g) {
     }
 }
 
-/* The scale of group k of a tile row whose scales start at p0. */
-static inline float group_scale(const geometry *g, const uint8_t *p0, int64_t k) {
-    float s;
-    if (g->f0bits == 16) return half_at(p0 + 2 * k);
-    memcpy(&s, p0 + 4 * k, 4);
-    return s;
-}
-
 /* The groups of row o (scale, zero point, codes), tile by tile; returns how many. */
 static int64_t row_groups(const geometry *g, const uint8_t *const *tiles, int64_t o, group *out) {
     int64_t i = o / g->tr, rr = o - i * g->tr;
@@ -132,7 +124,7 @@ static int64_t row_groups(const geometry *g, const uint8_t *const *tiles, int64_
         const uint8_t *p1 = tile + r * rbc + r * g->s_row[j] + rr * g->z_row[j];
         const uint8_t *codes = tile + rr * rbc;
         for (int64_t k = 0; k < ngc; k++, n++) {
-            out[n].s = group_scale(g, p0, k);
+            out[n].s = half_at(p0 + 2 * k);
             out[n].z = (float)packed_at(p1, k, g->f1bits);
             out[n].codes = codes + k * gbytes;
             int64_t len = c - k * g->lanes;
@@ -177,8 +169,9 @@ static inline TARGET_V8 v8_group v8_prepare(const geometry *g, const group *q) {
     return out;
 }
 
-static inline TARGET_V8 float v8_scale(const geometry *g, const uint8_t *p0, int64_t k) {
-    return group_scale(g, p0, k);
+/* The fp16 scale of group k of a tile row whose scales start at p0. */
+static inline TARGET_V8 float v8_scale(const uint8_t *p0, int64_t k) {
+    return half_at(p0 + 2 * k);
 }
 
 /* The 8 weights whose codes are at bytes codes .. codes + 7, sh bits up. */
@@ -194,16 +187,9 @@ static inline TARGET_V8 v8f v8_weights_at(const v8_group *p, const uint8_t *code
     return p->s * (__builtin_convertvector(q, v8f) - p->z);
 }
 
+/* The weights of lane vector lv of a group whose codes start at codes. */
 static inline TARGET_V8 v8f v8_weights(const v8_group *p, const uint8_t *codes, const lane_vectors *L, int64_t lv) {
-#if LUNIT_X86
-    v8i bytes = (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + L->offs[lv])));
-#else
-    v8b raw;
-    memcpy(&raw, codes + L->offs[lv], 8);
-    v8i bytes = __builtin_convertvector(raw, v8i);
-#endif
-    v8i q = (bytes >> L->sh[lv]) & p->mask;
-    return p->s * (__builtin_convertvector(q, v8f) - p->z);
+    return v8_weights_at(p, codes + L->offs[lv], L->sh[lv]);
 }
 
 #if LUNIT_X86
@@ -223,13 +209,10 @@ static inline TARGET_V16 v16_group v16_prepare(const geometry *g, const group *q
 }
 
 /* float16 scales by the F16C instruction: the same exact conversion as half_at (NaN payloads aside). */
-static inline TARGET_V16 float v16_scale(const geometry *g, const uint8_t *p0, int64_t k) {
-    if (g->f0bits == 16) {
-        uint16_t h;
-        memcpy(&h, p0 + 2 * k, 2);
-        return _cvtsh_ss(h);
-    }
-    return group_scale(g, p0, k);
+static inline TARGET_V16 float v16_scale(const uint8_t *p0, int64_t k) {
+    uint16_t h;
+    memcpy(&h, p0 + 2 * k, 2);
+    return _cvtsh_ss(h);
 }
 
 /* The 16 weights whose codes are at bytes codes .. codes + 15, sh bits up. */
@@ -240,9 +223,7 @@ static inline TARGET_V16 v16f v16_weights_at(const v16_group *p, const uint8_t *
 
 static inline TARGET_V16 v16f v16_weights(const v16_group *p, const uint8_t *codes, const lane_vectors *L,
                                           int64_t lv) {
-    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + L->offs[lv])));
-    __m512i idx = _mm512_srl_epi32(bytes, _mm_cvtsi32_si128(L->sh[lv]));
-    return (v16f)_mm512_permutexvar_ps(idx, p->table);
+    return v16_weights_at(p, codes + L->offs[lv], L->sh[lv]);
 }
 #endif
 
@@ -354,7 +335,7 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
                         memcpy(&a[0][v], row_acc + v * W, sizeof a[0][v]);                                       \
                 }                                                                                                \
                 for (int64_t k = 0; k < ngc; k++, q.codes += GBYTES, x += G) {                                   \
-                    q.s = V##_scale(g, p0, k);                                                                   \
+                    q.s = V##_scale(p0, k);                                                                      \
                     q.z = (float)packed_at(p1, k, g->f1bits);                                                    \
                     V##_group p = V##_prepare(g, &q);                                                            \
                     int64_t len = g->tile_cols[j] - k * G;                                                       \
@@ -423,9 +404,10 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
         V##_prefill_##BITS##_6(g, gr, ng, xp, xs, acc);                                                          \
     }
 
-/* y[t][o] for every position t of row o: blocks of 4 positions, then one at a time, each over the group's lane
- * vectors in blocks as wide as the registers allow. */
-#define DEFINE_ROW(V, VEC, W, TARGET, P4, P1)                                                                    \
+/* y[t][o] for every position t of row o: blocks of 8 positions (2- and 4-bit codes in groups of 8 lane vectors),
+ * of 4, then one at a time, each over the group's lane vectors in blocks as wide as the registers allow; and the
+ * one-position kernel over a row tile (V##_tile_rows). */
+#define DEFINE_ROW(V, VEC, W, TARGET, P4)                                                                    \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 8)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 4)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 2)                                                                        \
@@ -465,9 +447,9 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
         (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, i, xp, y, acc);                       \
     }
 
-DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2, 1)
+DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2)
 #if LUNIT_X86
-DEFINE_ROW(v16, v16f, 16, TARGET_V16, 4, 1)
+DEFINE_ROW(v16, v16f, 16, TARGET_V16, 4)
 #endif
 
 typedef void (*row_fn)(const geometry *, const uint8_t *const *, int64_t, const float *, int64_t, float *, group *,
@@ -525,7 +507,7 @@ static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t
         if (!get_i64(args[1 + k], fields[k])) return NULL;
     int64_t threads, width;
     if (!get_i64(args[15], &threads) || !get_i64(args[16], &width)) return NULL;
-    if (g.per < 1 || g.lanes % (g.per * 8) || (g.f0bits != 16 && g.f0bits != 32) || g.f1bits < 1 ||
+    if (g.per < 1 || g.lanes % (g.per * 8) || g.f0bits != 16 || g.f1bits < 1 ||
         g.f1bits > 8 || g.bits * g.per != 8 || g.n_groups > MAX_GROUPS || g.tc % g.lanes || g.lanes > MAX_LANES ||
         g.ct > MAX_TILES)
         return fail("matmul_affine: a geometry this kernel does not compute (the numba kernel does)");
@@ -607,12 +589,15 @@ done:
     return result;
 }
 
-/* widths(): the lane widths of the kernels this CPU runs: () without AVX2 on x86-64, (8,) or (8, 16). */
-static PyObject *widths(PyObject *self, PyObject *noargs) {
+/* widths([bits, per, lanes]): the lane widths of the kernels this CPU runs: () without AVX2 on x86-64, (8,) or
+ * (8, 16); with a geometry's code bits, codes a byte and group size, those that compute it. */
+static PyObject *widths(PyObject *self, PyObject *args) {
     (void)self;
-    (void)noargs;
+    geometry g = {0};
+    g.bits = 4, g.per = 2, g.lanes = 128;
+    if (!PyArg_ParseTuple(args, "|LLL", &g.bits, &g.per, &g.lanes)) return NULL;
     if (!has_avx2) return PyTuple_New(0);
-    return has_avx512 ? Py_BuildValue("(ii)", 8, 16) : Py_BuildValue("(i)", 8);
+    return v16_computes(&g) ? Py_BuildValue("(ii)", 8, 16) : Py_BuildValue("(i)", 8);
 }
 
 /* limits(): (groups a row, lanes a group, column tiles) the per-product tables hold. */
@@ -625,7 +610,7 @@ static PyObject *limits(PyObject *self, PyObject *noargs) {
 static PyMethodDef methods[] = {
     {"matmul_affine", (PyCFunction)(void (*)(void))matmul_affine, METH_FASTCALL,
      "y = x @ dequant(W)^T from packed affine codes (see romac/emulator/_lunit.c)"},
-    {"widths", widths, METH_NOARGS, "the lane widths of the kernels this CPU runs"},
+    {"widths", widths, METH_VARARGS, "the lane widths of the kernels this CPU runs ([bits, per, lanes]: for them)"},
     {"limits", limits, METH_NOARGS, "(groups a row, lanes a group, column tiles) the kernel's tables hold"},
     {NULL, NULL, 0, NULL}};
 

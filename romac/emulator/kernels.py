@@ -365,13 +365,13 @@ def _kernel(geo: np.ndarray) -> Callable:
 def c_widths(geo: np.ndarray | None = None) -> tuple[int, ...]:
     """Lane widths of the C kernels this CPU runs: () without the extension (or, on x86-64, without AVX2); with
     ``geo``, those that compute that region (16 lanes: codes of at most 4 bits, whole 16-lane vectors a shift)."""
-    cpu = tuple(_lunit.widths()) if _lunit is not None else ()
+    if _lunit is None:
+        return ()
     if geo is None:
-        return cpu
+        return tuple(_lunit.widths())
     if not c_computes(geo):
         return ()
-    per_shift = int(geo[G_LANES]) // int(geo[G_PER])
-    return tuple(w for w in cpu if w == 8 or (geo[G_BITS] < 8 and per_shift % w == 0))
+    return tuple(_lunit.widths(int(geo[G_BITS]), int(geo[G_PER]), int(geo[G_LANES])))
 
 
 def c_computes(geo: np.ndarray) -> bool:
