@@ -306,34 +306,42 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
     return a[0];
 }
 
+/* The pairwise sum (kernels._tree's order) of a row's G = NV * W lanes held in NV vectors, NV a power of two:
+ * while more than one vector is left, lane k adds lane k + n/2 (vector v adds vector v + nv/2), the same
+ * per-lane operations as tree() on the stored lanes; the last vector's W lanes by tree(). */
+#define REDUCE_ROW(VEC, W, NV, a, out)                                                                           \
+    do {                                                                                                         \
+        _Pragma("GCC unroll 8") for (int h = NV / 2; h >= 1; h /= 2)                                            \
+            _Pragma("GCC unroll 8") for (int v = 0; v < h; v++) a[0][v] += a[0][v + h];                         \
+        float lanes_[W];                                                                                         \
+        memcpy(lanes_, &a[0][0], sizeof lanes_);                                                                 \
+        (out) = tree(lanes_, W);                                                                                 \
+    } while (0)
+
 /* One position, the rows of row tile i, when one block of NV lane vectors holds a whole group (G = NV * W) of
- * BITS-bit codes. The tiles are read one after another, each from its first row to its last (three runs of
- * bytes: codes, scales, zero points), as numba's kernel reads them; a row's lanes are loaded into registers at
- * the start of each tile and stored at its end (acc: [tile rows][G]), so each lane still adds the row's groups in
- * column order. Each lane vector's byte offset and shift are constants. */
+ * BITS-bit codes. Row by row: a row's accumulator lanes stay in registers while its groups stream past, tile
+ * after tile, in column order (each tile's codes, scales and zero points are three runs of bytes, and the tile
+ * row's rows follow one another in each), and are summed in registers at its end. Each lane vector's byte offset
+ * and shift are constants. */
 #define DEFINE_ONE_POSITION(V, VEC, W, TARGET, NV, BITS)                                                         \
     static TARGET void V##_one_position_##BITS(const geometry *g, const uint8_t *const *tiles, int64_t i,      \
                                                const float *xp, float *y, float *acc) {                         \
         enum { G = NV * W, ST = G / (8 / BITS), GBYTES = G * BITS / 8 };                                         \
         const lane_vectors *L = &g->V;                                                                           \
         const int64_t xs = 0;                                                                                    \
+        (void)acc;                                                                                               \
         int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;                                   \
-        for (int64_t j = 0; j < g->ct; j++) {                                                                    \
-            const uint8_t *tile = tiles[i * g->ct + j];                                                          \
-            int64_t rbc = g->code_row[j], ngc = g->tile_groups[j];                                               \
-            for (int64_t rr = 0; rr < r; rr++) {                                                                 \
+        const uint8_t *const *row_tiles = tiles + i * g->ct;                                                     \
+        for (int64_t rr = 0; rr < r; rr++) {                                                                     \
+            VEC a[1][NV];                                                                                        \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) a[0][v] = (VEC){0};                            \
+            for (int64_t j = 0; j < g->ct; j++) {                                                                \
+                const uint8_t *tile = row_tiles[j];                                                              \
+                int64_t rbc = g->code_row[j], ngc = g->tile_groups[j];                                           \
                 const uint8_t *p0 = tile + r * rbc + rr * g->s_row[j];                                           \
                 const uint8_t *p1 = tile + r * rbc + r * g->s_row[j] + rr * g->z_row[j];                         \
                 group q = {tile + rr * rbc, 0.0f, 0.0f, G};                                                      \
                 const float *x = xp + j * g->tc;                                                                 \
-                float *row_acc = acc + rr * G;                                                                   \
-                VEC a[1][NV];                                                                                    \
-                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                           \
-                    if (j == 0)                                                                                  \
-                        a[0][v] = (VEC){0};                                                                      \
-                    else                                                                                         \
-                        memcpy(&a[0][v], row_acc + v * W, sizeof a[0][v]);                                       \
-                }                                                                                                \
                 for (int64_t k = 0; k < ngc; k++, q.codes += GBYTES, x += G) {                                   \
                     q.s = V##_scale(p0, k);                                                                      \
                     q.z = (float)packed_at(p1, k, g->f1bits);                                                    \
@@ -350,11 +358,9 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
                     PARTIAL_GROUP(V, VEC, W, 1, NV, &q, 0,                                                       \
                                   V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1)))     \
                 }                                                                                                \
-                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                             \
-                    memcpy(row_acc + v * W, &a[0][v], sizeof a[0][v]);                                           \
             }                                                                                                    \
+            REDUCE_ROW(VEC, W, NV, a, y[i * g->tr + rr]);                                                        \
         }                                                                                                        \
-        for (int64_t rr = 0; rr < r; rr++) y[i * g->tr + rr] = tree(acc + rr * G, G);                            \
     }
 
 /* NT positions, the NV lane vectors from LV0, of a row whose groups (gr, from row_groups) are G = 8 * W lanes of
