@@ -306,61 +306,95 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
     return a[0];
 }
 
-/* The pairwise sum (kernels._tree's order) of a row's G = NV * W lanes held in NV vectors, NV a power of two:
- * while more than one vector is left, lane k adds lane k + n/2 (vector v adds vector v + nv/2), the same
- * per-lane operations as tree() on the stored lanes; the last vector's W lanes by tree(). */
-#define REDUCE_ROW(VEC, W, NV, a, out)                                                                           \
+/* The pairwise sum (kernels._tree's order) of a row's G = NV * W lanes held in the NV vectors acc[0..NV-1], NV a
+ * power of two: while more than one vector is left, lane k adds lane k + n/2 (vector v adds vector v + nv/2), the
+ * same per-lane operations as tree() on the stored lanes; the last vector's W lanes by tree(). */
+#define REDUCE_ROW(VEC, W, NV, acc, out)                                                                         \
     do {                                                                                                         \
         _Pragma("GCC unroll 8") for (int h = NV / 2; h >= 1; h /= 2)                                            \
-            _Pragma("GCC unroll 8") for (int v = 0; v < h; v++) a[0][v] += a[0][v + h];                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < h; v++) (acc)[v] += (acc)[v + h];                       \
         float lanes_[W];                                                                                         \
-        memcpy(lanes_, &a[0][0], sizeof lanes_);                                                                 \
+        memcpy(lanes_, &(acc)[0], sizeof lanes_);                                                                \
         (out) = tree(lanes_, W);                                                                                 \
     } while (0)
 
-/* One position, the rows of row tile i, when one block of NV lane vectors holds a whole group (G = NV * W) of
- * BITS-bit codes. Row by row: a row's accumulator lanes stay in registers while its groups stream past, tile
- * after tile, in column order (each tile's codes, scales and zero points are three runs of bytes, and the tile
- * row's rows follow one another in each), and are summed in registers at its end. Each lane vector's byte offset
- * and shift are constants. */
-#define DEFINE_ONE_POSITION(V, VEC, W, TARGET, NV, BITS)                                                         \
-    static TARGET void V##_one_position_##BITS(const geometry *g, const uint8_t *const *tiles, int64_t i,      \
-                                               const float *xp, float *y, float *acc) {                         \
+/* One position, NR consecutive rows (from rr) of a row tile of r rows whose column tiles are row_tiles, when one
+ * block of NV lane vectors holds a whole group (G = NV * W) of BITS-bit codes: each row's accumulator lanes stay
+ * in registers while its groups stream past, tile after tile, in column order (each tile's codes, scales and zero
+ * points are three runs of bytes, and the tile row's rows follow one another in each), and are summed in
+ * registers at its end into out[0..NR-1]. The NR rows share each input vector; each row's sums are its own, in the
+ * one order. Each lane vector's byte offset and shift are constants. */
+#define DEFINE_ROWS(V, VEC, W, TARGET, NV, BITS, NR)                                                             \
+    static inline TARGET void V##_rows_##BITS##_##NR(const geometry *g, const uint8_t *const *row_tiles,       \
+                                                     int64_t r, int64_t rr, const float *xp, float *out) {      \
         enum { G = NV * W, ST = G / (8 / BITS), GBYTES = G * BITS / 8 };                                         \
         const lane_vectors *L = &g->V;                                                                           \
-        const int64_t xs = 0;                                                                                    \
-        (void)acc;                                                                                               \
-        int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;                                   \
-        const uint8_t *const *row_tiles = tiles + i * g->ct;                                                     \
-        for (int64_t rr = 0; rr < r; rr++) {                                                                     \
-            VEC a[1][NV];                                                                                        \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) a[0][v] = (VEC){0};                            \
-            for (int64_t j = 0; j < g->ct; j++) {                                                                \
-                const uint8_t *tile = row_tiles[j];                                                              \
-                int64_t rbc = g->code_row[j], ngc = g->tile_groups[j];                                           \
-                const uint8_t *p0 = tile + r * rbc + rr * g->s_row[j];                                           \
-                const uint8_t *p1 = tile + r * rbc + r * g->s_row[j] + rr * g->z_row[j];                         \
-                group q = {tile + rr * rbc, 0.0f, 0.0f, G};                                                      \
-                const float *x = xp + j * g->tc;                                                                 \
-                for (int64_t k = 0; k < ngc; k++, q.codes += GBYTES, x += G) {                                   \
-                    q.s = V##_scale(p0, k);                                                                      \
-                    q.z = (float)packed_at(p1, k, g->f1bits);                                                    \
-                    V##_group p = V##_prepare(g, &q);                                                            \
-                    int64_t len = g->tile_cols[j] - k * G;                                                       \
-                    if (len >= G) {                                                                              \
-                        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                   \
-                            VEC w = V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1));   \
-                            ADD_PRODUCTS(1, VEC, W, v, w)                                                        \
-                        }                                                                                        \
-                        continue;                                                                                \
+        VEC a[NR][NV];                                                                                           \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++)                                                     \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) a[n][v] = (VEC){0};                            \
+        for (int64_t j = 0; j < g->ct; j++) {                                                                    \
+            const uint8_t *tile = row_tiles[j];                                                                  \
+            const int64_t rbc = g->code_row[j], ngc = g->tile_groups[j], sr = g->s_row[j], zr = g->z_row[j];     \
+            const uint8_t *p0 = tile + r * rbc + rr * sr, *p1 = tile + r * rbc + r * sr + rr * zr;               \
+            const uint8_t *codes = tile + rr * rbc;                                                              \
+            const float *x = xp + j * g->tc;                                                                     \
+            for (int64_t k = 0; k < ngc; k++, codes += GBYTES, x += G) {                                         \
+                V##_group p[NR];                                                                                 \
+                group q[NR];                                                                                     \
+                _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) {                                           \
+                    q[n].codes = codes + n * rbc;                                                                \
+                    q[n].s = V##_scale(p0 + n * sr, k);                                                          \
+                    q[n].z = (float)packed_at(p1 + n * zr, k, g->f1bits);                                        \
+                    q[n].len = G;                                                                                \
+                    p[n] = V##_prepare(g, q + n);                                                                \
+                }                                                                                                \
+                int64_t len = g->tile_cols[j] - k * G;                                                           \
+                if (len >= G) {                                                                                  \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                       \
+                        VEC xv;                                                                                  \
+                        memcpy(&xv, x + v * W, sizeof xv);                                                       \
+                        _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++)                                     \
+                            a[n][v] += V##_weights_at(p + n, q[n].codes + (v * W) % ST,                          \
+                                                      8 - BITS * ((v * W) / ST + 1)) * xv;                       \
                     }                                                                                            \
-                    q.len = len;                                                                                 \
-                    PARTIAL_GROUP(V, VEC, W, 1, NV, &q, 0,                                                       \
-                                  V##_weights_at(&p, q.codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1)))     \
+                    continue;                                                                                    \
+                }                                                                                                \
+                /* the tile's last group, not whole: lane vectors that hold all their columns as above, those    \
+                 * that hold some one weight at a time (0 past the group's columns), those that hold none not */ \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                           \
+                    int held = lanes_held(L, v, len);                                                            \
+                    if (held == 0) continue;                                                                     \
+                    VEC xv;                                                                                      \
+                    memcpy(&xv, x + v * W, sizeof xv);                                                           \
+                    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) {                                       \
+                        VEC w;                                                                                   \
+                        if (held == 1) {                                                                         \
+                            w = V##_weights_at(p + n, q[n].codes + (v * W) % ST, 8 - BITS * ((v * W) / ST + 1)); \
+                        } else {                                                                                 \
+                            float part[W];                                                                       \
+                            q[n].len = len;                                                                      \
+                            partial_weights(g, q + n, v, W, part);                                               \
+                            memcpy(&w, part, sizeof w);                                                          \
+                        }                                                                                        \
+                        a[n][v] += w * xv;                                                                       \
+                    }                                                                                            \
                 }                                                                                                \
             }                                                                                                    \
-            REDUCE_ROW(VEC, W, NV, a, y[i * g->tr + rr]);                                                        \
         }                                                                                                        \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) REDUCE_ROW(VEC, W, NV, a[n], out[n]);              \
+    }
+
+/* One position, the rows of row tile i, NR at a time (V##_rows_##BITS##_##NR, defined before when NR > 1), then
+ * one at a time. */
+#define DEFINE_ONE_POSITION(V, VEC, W, TARGET, NV, BITS, NR)                                                     \
+    DEFINE_ROWS(V, VEC, W, TARGET, NV, BITS, 1)                                                                  \
+    static TARGET void V##_one_position_##BITS(const geometry *g, const uint8_t *const *tiles, int64_t i,      \
+                                               const float *xp, float *y, float *acc) {                         \
+        (void)acc;                                                                                               \
+        int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr, rr = 0;                           \
+        const uint8_t *const *row_tiles = tiles + i * g->ct;                                                     \
+        for (; rr + NR <= r; rr += NR) V##_rows_##BITS##_##NR(g, row_tiles, r, rr, xp, y + i * g->tr + rr);      \
+        for (; rr < r; rr++) V##_rows_##BITS##_1(g, row_tiles, r, rr, xp, y + i * g->tr + rr);                   \
     }
 
 /* NT positions, the NV lane vectors from LV0, of a row whose groups (gr, from row_groups) are G = 8 * W lanes of
@@ -413,17 +447,17 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
 /* y[t][o] for every position t of row o: blocks of 8 positions (2- and 4-bit codes in groups of 8 lane vectors),
  * of 4, then one at a time, each over the group's lane vectors in blocks as wide as the registers allow; and the
  * one-position kernel over a row tile (V##_tile_rows). */
-#define DEFINE_ROW(V, VEC, W, TARGET, P4)                                                                    \
+#define DEFINE_ROW(V, VEC, W, TARGET, P4, NR)                                                                    \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 8)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 4)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 2)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 1)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 4, P4)                                                                       \
     DEFINE_BLOCK(V, VEC, W, TARGET, 4, 1)                                                                        \
-    DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 2)                                                                 \
+    DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 2, NR)                                                             \
     DEFINE_PREFILLS(V, VEC, W, TARGET, 2)                                                                        \
     DEFINE_PREFILLS(V, VEC, W, TARGET, 4)                                                                        \
-    DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 4)                                                                 \
+    DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 4, NR)                                                             \
     static TARGET void V##_row(const geometry *g, const uint8_t *const *tiles, int64_t o, const float *xp,      \
                                int64_t n_t, float *y, group *gr, float *acc) {                                  \
         const int64_t G = g->lanes, nvec = G / W, xs = g->n_groups * G;                                          \
@@ -453,9 +487,12 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
         (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, i, xp, y, acc);                       \
     }
 
-DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2)
+DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2, 1)
 #if LUNIT_X86
-DEFINE_ROW(v16, v16f, 16, TARGET_V16, 4)
+/* 16-lane vectors leave room for two rows' accumulators in registers (8-lane ones, AVX2's 16 registers, not) */
+DEFINE_ROWS(v16, v16f, 16, TARGET_V16, 8, 2, 2)
+DEFINE_ROWS(v16, v16f, 16, TARGET_V16, 8, 4, 2)
+DEFINE_ROW(v16, v16f, 16, TARGET_V16, 4, 2)
 #endif
 
 typedef void (*row_fn)(const geometry *, const uint8_t *const *, int64_t, const float *, int64_t, float *, group *,

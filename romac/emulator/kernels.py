@@ -388,26 +388,33 @@ def c_computes(geo: np.ndarray) -> bool:
             and -(-int(geo[G_COLS]) // int(geo[G_TC])) <= max_tiles)
 
 
-def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
-           values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray, tile_address: np.ndarray | None = None,
-           engine: str = "auto", width: int = 0) -> np.ndarray:
-    """``x @ dequant(W)^T`` (float32 [T, out]), rows spread over numba's thread count (numba.set_num_threads).
+def c_plan(geo: np.ndarray, tile_address: np.ndarray, n_col_tiles: int, lane_cols: np.ndarray) -> tuple:
+    """The leading arguments of ``_lunit.matmul_affine`` for a region that ``c_computes`` (made once per region:
+    a product then only adds its x, y, thread count and width). ``tile_address``: int64, the address of each
+    tile's first byte in the mapped banks, which the caller keeps mapped."""
+    return (np.ascontiguousarray(tile_address, np.int64).reshape(-1), int(n_col_tiles),
+            *(int(geo[f]) for f in (G_ROWS, G_COLS, G_TR, G_TC, G_BITS, G_PER, G_LANES, G_F0BITS, G_F1BITS,
+                                    G_NGROUPS)),
+            np.ascontiguousarray(lane_cols, np.int64))
 
-    ``tile_address`` (int64, the address of each tile's first byte in the mapped banks), given for a region that
-    ``c_computes``, lets the C kernel compute it (checked once per region by the caller, not per product);
-    ``engine`` picks who does (ENGINES), ``width`` the C kernel's lane width (0: the widest). Every choice gives
-    the same bits."""
+
+def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
+           values: np.ndarray, nested: np.ndarray, offset: float, x: np.ndarray, c_args: tuple | None = None,
+           engine: str = "auto", width: int = 0, threads: int | None = None) -> np.ndarray:
+    """``x @ dequant(W)^T`` (float32 [T, out]), rows spread over ``threads`` threads (None: numba's thread count,
+    numba.set_num_threads).
+
+    ``c_args`` (``c_plan``), given for a region that ``c_computes`` (checked once per region by the caller, not
+    per product), lets the C kernel compute it; ``engine`` picks who does (ENGINES), ``width`` the C kernel's
+    lane width (0: the widest). Every choice gives the same bits."""
     y = np.empty((x.shape[0], int(geo[G_ROWS])), f32)
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
-    use_c = engine != "numba" and tile_address is not None
+    use_c = engine != "numba" and c_args is not None
     if engine == "c" and not use_c:
         raise ValueError("the C kernel does not compute this region (or is not built)")
     if use_c:
-        _lunit.matmul_affine(tile_address, tb.shape[1], int(geo[G_ROWS]), int(geo[G_COLS]), int(geo[G_TR]),
-                             int(geo[G_TC]), int(geo[G_BITS]), int(geo[G_PER]), int(geo[G_LANES]),
-                             int(geo[G_F0BITS]), int(geo[G_F1BITS]), int(geo[G_NGROUPS]), lane_cols, x, y,
-                             numba.get_num_threads(), width)
+        _lunit.matmul_affine(*c_args, x, y, numba.get_num_threads() if threads is None else threads, width)
         return y
     _kernel(geo)(banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
     return y

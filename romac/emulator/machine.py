@@ -87,8 +87,9 @@ class Machine:
         if self.kernel == "numpy":
             return x @ self.weight_t(rid)
         shape = self.manifest.regions[rid].shape
-        self._use_threads(self.threads if shape[0] * shape[1] * x.shape[0] >= self.parallel_weights else 1)
-        return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto")
+        threads = self.threads if shape[0] * shape[1] * x.shape[0] >= self.parallel_weights else 1
+        self._use_threads(threads)  # numba's, for the regions the C kernel does not compute
+        return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto", threads=threads)
 
     def _use_threads(self, n: int) -> None:
         """numba's thread count for the next products (a per-thread setting, capped by NUMBA_NUM_THREADS)."""

@@ -42,8 +42,8 @@ class MatrixKernel:
     values: np.ndarray  # float32: the code values (bitsandbytes; else unused)
     nested: np.ndarray  # float32: the nested absmax (double quantization; else unused)
     offset: float  # the double quantization's offset (0.0 without)
-    # int64 [row tiles · column tiles]: each tile's address in the maps, for the C kernel (None: numba computes it)
-    tile_address: np.ndarray | None = None
+    # the C kernel's leading arguments, each tile's address in the maps among them (K.c_plan; None: numba computes it)
+    c_args: tuple | None = None
 
 
 def prepare(fmt: WeightFormat, grid: TileGrid, start_bank: int, extents, n_banks: int, word_bytes: int,
@@ -162,17 +162,19 @@ class Rom:
                         self.constants(rid))
             if K.c_computes(k.geo):  # where each tile lies in this process' maps (they live as long as the Rom)
                 address = self._bank_address[k.tile_bank] + k.tile_offset
-                k = dataclasses.replace(k, tile_address=np.ascontiguousarray(address.reshape(-1)))
+                k = dataclasses.replace(k, c_args=K.c_plan(k.geo, address, k.tile_bank.shape[1], k.lane_cols))
             self._kernels[rid] = k
         return k
 
-    def matmul(self, rid: int, x: np.ndarray, engine: str = "auto", width: int = 0) -> np.ndarray:
-        """``x @ W^T`` (float32 [T, out]) for matrix region rid, from its packed codes, on numba's thread count
-        (numba.set_num_threads); the result depends neither on how many nor on the engine (K.ENGINES), bit for bit."""
+    def matmul(self, rid: int, x: np.ndarray, engine: str = "auto", width: int = 0,
+               threads: int | None = None) -> np.ndarray:
+        """``x @ W^T`` (float32 [T, out]) for matrix region rid, from its packed codes, on ``threads`` threads
+        (None: numba's thread count, numba.set_num_threads); the result depends neither on how many nor on the
+        engine (K.ENGINES), bit for bit."""
         k = self.kernel(rid)
         x = np.ascontiguousarray(x, f32).reshape(-1, int(k.geo[K.G_COLS]))
         return K.matmul(self.bank_list, k.tile_bank, k.tile_offset, k.geo, k.lane_cols, k.values, k.nested,
-                        k.offset, x, k.tile_address, engine, width)
+                        k.offset, x, k.c_args, engine, width, threads)
 
     def rows(self, rid: int, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of matrix region rid (float32 [n, in]), equal to ``value(rid)[ids]`` bit for bit."""
