@@ -7,12 +7,14 @@ import sys
 from setuptools import Extension, setup
 
 # -ffp-contract=off: a product and a sum are each rounded to float32 (no fused multiply-add), the order the
-# kernels define; OpenMP spreads rows over threads where the compiler has it (GCC on Linux).
+# kernels define. Its threads are POSIX threads of its own (romac/emulator/_lunit_pool.h says why not OpenMP);
+# on Windows it computes on the calling thread.
 compile_args = ["-O3", "-ffp-contract=off", "-std=c11"]
 link_args = []
-if sys.platform.startswith("linux"):
-    compile_args.append("-fopenmp")
-    link_args.append("-fopenmp")
+if sys.platform != "win32":
+    compile_args.append("-pthread")
+    link_args.append("-pthread")
 
-setup(ext_modules=[Extension("romac.emulator._lunit", ["romac/emulator/_lunit.c"], extra_compile_args=compile_args,
+setup(ext_modules=[Extension("romac.emulator._lunit", ["romac/emulator/_lunit.c", "romac/emulator/_lunit_pool.c"],
+                             depends=["romac/emulator/_lunit_pool.h"], extra_compile_args=compile_args,
                              extra_link_args=link_args, optional=True)])

@@ -1,11 +1,14 @@
 """The C product kernel (romac.emulator._lunit) against the numba kernel it mirrors: bit for bit the same outputs,
 for every format it computes (INT2/INT4/INT8 affine codes with their fp16 scales), at the tile edges (rows and
 columns that are not multiples of the tile, a partial last group, lane vectors that hold only some of its
-columns), for one position and for prefills of every remainder of its blocks of four, on one and two threads,
-at each lane width this CPU runs. The numba kernel is tested against the numpy definition (test_kernels.py)."""
+columns), for one position and for prefills of every remainder of its blocks of four, on one to three threads,
+at each lane width this CPU runs; and its thread pool: products from several Python threads at once, and in a
+child process forked after the pool's threads started. The numba kernel is tested against the numpy definition (test_kernels.py)."""
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -51,10 +54,58 @@ def test_c_kernel_equals_numba(machine):
             widths = K.c_widths(rom.kernel(rid).geo)
             assert widths and widths[0] == 8
             for width in widths:
-                for threads in (1, 2):
-                    y = on_threads(threads, lambda: rom.matmul(rid, x, engine="c", width=width))
+                for threads in (1, 2, 3):
+                    y = rom.matmul(rid, x, engine="c", width=width, threads=threads)
                     np.testing.assert_array_equal(_bits(y), _bits(ref), err_msg=f"{rom.regions[rid].name} "
                                                   f"t={t} width={width} threads={threads}")
+
+
+def test_numba_thread_count_is_the_default(machine):
+    rom = machine.rom
+    rid = next(rid for rid, r in enumerate(rom.regions) if r.kind == MATRIX)
+    x = np.random.default_rng(3).standard_normal((1, rom.regions[rid].shape[1])).astype(np.float32)
+    np.testing.assert_array_equal(_bits(on_threads(2, lambda: rom.matmul(rid, x, engine="c"))),
+                                  _bits(rom.matmul(rid, x, engine="c", threads=1)))
+
+
+def _products(rom, rid: int, xs: list[np.ndarray], threads: int) -> list[np.ndarray]:
+    return [rom.matmul(rid, x, engine="c", threads=threads) for x in xs]
+
+
+def test_products_from_several_threads_at_once(machine):
+    """Python threads that compute products at the same moment (the GIL is released in the kernel): each gets its
+    own product's bits, whether it ran on the pool or, the pool being busy, on its own thread."""
+    rom = machine.rom
+    rid = max((rid for rid, r in enumerate(rom.regions) if r.kind == MATRIX), key=lambda r: rom.regions[r].shape[0])
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((t, rom.regions[rid].shape[1])).astype(np.float32) for t in (1, 3, 1, 9) * 5]
+    want = _products(rom, rid, xs, 1)
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda n: _products(rom, rid, xs, 2 + n % 2), range(8)))
+    for run in got:
+        for y, ref in zip(run, want):
+            np.testing.assert_array_equal(_bits(y), _bits(ref))
+
+
+def _forked_product(rom, rid: int, x: np.ndarray, queue) -> None:
+    queue.put(rom.matmul(rid, x, engine="c", threads=2))
+
+
+def test_a_forked_child_computes_products(machine):
+    """The pool's threads do not survive fork(): a child forked while they run (one of them may hold the pool's
+    lock) computes its products, on a pool of its own, without waiting for threads it does not have."""
+    rom = machine.rom
+    rid = max((rid for rid, r in enumerate(rom.regions) if r.kind == MATRIX), key=lambda r: rom.regions[r].shape[0])
+    x = np.random.default_rng(9).standard_normal((1, rom.regions[rid].shape[1])).astype(np.float32)
+    want = rom.matmul(rid, x, engine="c", threads=2)  # the parent's pool is running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forked_product, args=(rom, rid, x, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
 def test_auto_uses_the_c_kernel_and_machines_agree(machine):

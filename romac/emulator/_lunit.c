@@ -22,9 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "_lunit_pool.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LUNIT_X86 1
@@ -384,17 +383,16 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
         _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) REDUCE_ROW(VEC, W, NV, a[n], out[n]);              \
     }
 
-/* One position, the rows of row tile i, NR at a time (V##_rows_##BITS##_##NR, defined before when NR > 1), then
- * one at a time. */
+/* One position, rows rr0 .. rr1 - 1 of row tile i, NR at a time (V##_rows_##BITS##_##NR, defined before when
+ * NR > 1), then one at a time. */
 #define DEFINE_ONE_POSITION(V, VEC, W, TARGET, NV, BITS, NR)                                                     \
     DEFINE_ROWS(V, VEC, W, TARGET, NV, BITS, 1)                                                                  \
     static TARGET void V##_one_position_##BITS(const geometry *g, const uint8_t *const *tiles, int64_t i,      \
-                                               const float *xp, float *y, float *acc) {                         \
-        (void)acc;                                                                                               \
-        int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr, rr = 0;                           \
+                                               int64_t rr0, int64_t rr1, const float *xp, float *y) {           \
+        int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr, rr = rr0;                         \
         const uint8_t *const *row_tiles = tiles + i * g->ct;                                                     \
-        for (; rr + NR <= r; rr += NR) V##_rows_##BITS##_##NR(g, row_tiles, r, rr, xp, y + i * g->tr + rr);      \
-        for (; rr < r; rr++) V##_rows_##BITS##_1(g, row_tiles, r, rr, xp, y + i * g->tr + rr);                   \
+        for (; rr + NR <= rr1; rr += NR) V##_rows_##BITS##_##NR(g, row_tiles, r, rr, xp, y + i * g->tr + rr);    \
+        for (; rr < rr1; rr++) V##_rows_##BITS##_1(g, row_tiles, r, rr, xp, y + i * g->tr + rr);                 \
     }
 
 /* NT positions, the NV lane vectors from LV0, of a row whose groups (gr, from row_groups) are G = 8 * W lanes of
@@ -482,9 +480,9 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
             y[t0 * g->rows + o] = tree(acc, G);                                                                  \
         }                                                                                                        \
     }                                                                                                            \
-    static TARGET void V##_tile_rows(const geometry *g, const uint8_t *const *tiles, int64_t i, const float *xp, \
-                                     float *y, float *acc) {                                                     \
-        (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, i, xp, y, acc);                       \
+    static TARGET void V##_tile_rows(const geometry *g, const uint8_t *const *tiles, int64_t i, int64_t rr0,     \
+                                     int64_t rr1, const float *xp, float *y) {                                   \
+        (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, i, rr0, rr1, xp, y);                  \
     }
 
 DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2, 1)
@@ -500,7 +498,7 @@ typedef void (*row_fn)(const geometry *, const uint8_t *const *, int64_t, const 
 
 static int has_avx2 = 1, has_avx512 = 0;
 
-typedef void (*tile_fn)(const geometry *, const uint8_t *const *, int64_t, const float *, float *, float *);
+typedef void (*tile_fn)(const geometry *, const uint8_t *const *, int64_t, int64_t, int64_t, const float *, float *);
 
 /* The kernel of one position over a row tile at a time, where there is one: groups of exactly 8 lane vectors of
  * 2- or 4-bit codes (else NULL: the row kernel computes it). */
@@ -535,8 +533,52 @@ static PyObject *fail(const char *what) {
     return NULL;
 }
 
+/* One product, cut into chunks of whole output rows for lunit_run (which thread computes a row never changes it). */
+typedef struct {
+    const geometry *g;
+    const uint8_t *const *tiles;
+    const float *xp;
+    float *y;
+    int64_t n_t;
+    row_fn row;
+    tile_fn tile_rows;  /* one position, a row tile's rows at a time (else: row by row) */
+    int64_t chunk_rows, chunks_a_tile;
+} product;
+
+/* Rows a chunk: all of them on one thread; else about 16 (a few chunks a thread even for a 192-row product, so
+ * that a thread that starts late or runs slow is made up for by the others), an even number (the kernel's row
+ * pairs), within one row tile where the kernel goes tile by tile. Returns the number of chunks. */
+static int64_t chunks(product *p, int64_t threads) {
+    const geometry *g = p->g;
+    int64_t rows = threads > 1 ? 16 : g->rows;
+    if (p->tile_rows) {
+        if (rows > g->tr) rows = g->tr;
+        p->chunk_rows = rows;
+        p->chunks_a_tile = (g->tr + rows - 1) / rows;
+        return (g->rows + g->tr - 1) / g->tr * p->chunks_a_tile;
+    }
+    p->chunk_rows = rows;
+    return (g->rows + rows - 1) / rows;
+}
+
+static void compute_chunk(const void *job, int64_t c, void *scratch) {
+    const product *p = job;
+    const geometry *g = p->g;
+    group *gr = scratch;
+    float *acc = (float *)(gr + g->n_groups);
+    if (p->tile_rows) {
+        int64_t i = c / p->chunks_a_tile, rr0 = c % p->chunks_a_tile * p->chunk_rows;
+        int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;
+        int64_t rr1 = rr0 + p->chunk_rows < r ? rr0 + p->chunk_rows : r;
+        if (rr0 < rr1) p->tile_rows(g, p->tiles, i, rr0, rr1, p->xp, p->y);
+        return;
+    }
+    int64_t o1 = (c + 1) * p->chunk_rows < g->rows ? (c + 1) * p->chunk_rows : g->rows;
+    for (int64_t o = c * p->chunk_rows; o < o1; o++) p->row(g, p->tiles, o, p->xp, p->n_t, p->y, gr, acc);
+}
+
 /* matmul_affine(tiles, ct, rows, cols, tr, tc, bits, per, lanes, f0bits, f1bits, n_groups, lane_cols, x, y,
- *               threads, width): y[T, rows] = x[T, cols] @ dequant(W)^T on `threads` OpenMP threads, with the
+ *               threads, width): y[T, rows] = x[T, cols] @ dequant(W)^T on up to `threads` threads, with the
  *               kernel of `width` lanes (0: the widest).
  * tiles: int64 [row tiles * ct], the address of each tile's first byte (the caller keeps the maps alive);
  * lane_cols: int64 [n_groups * lanes], the column of each lane (-1 past the row's end). */
@@ -585,37 +627,12 @@ static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     for (int64_t t = 0; t < n_t; t++)
         for (int64_t k = 0; k < xs; k++) xp[t * xs + k] = lane_cols[k] >= 0 ? x[t * g.cols + lane_cols[k]] : 0.0f;
-    int oom = 0;
-    tile_fn tiles_at_once = n_t == 1 ? tile_kernel(&g, row) : NULL;
+    product job = {&g, tiles, xp, y, n_t, row, n_t == 1 ? tile_kernel(&g, row) : NULL, 0, 0};
+    size_t scratch = sizeof(group) * (size_t)g.n_groups + sizeof(float) * (size_t)((g.tr > 8 ? g.tr : 8) * g.lanes);
+    int64_t n_chunks = chunks(&job, threads);
+    int oom;
     Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-#pragma omp parallel num_threads((int)(threads > 0 ? threads : 1))
-#endif
-    {
-        group *gr = malloc(sizeof(group) * (size_t)g.n_groups);
-        float *acc = malloc(sizeof(float) * (size_t)((g.tr > 8 ? g.tr : 8) * g.lanes));
-        if (!gr || !acc) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            oom = 1;
-        }
-        if (tiles_at_once) {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int64_t i = 0; i < n_rt; i++)
-                if (gr && acc) tiles_at_once(&g, tiles, i, xp, y, acc);
-        } else {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int64_t o = 0; o < g.rows; o++)
-                if (gr && acc) row(&g, tiles, o, xp, n_t, y, gr, acc);
-        }
-        free(gr);
-        free(acc);
-    }
+    oom = lunit_run(compute_chunk, &job, n_chunks, scratch, (int)threads) != 0;
     Py_END_ALLOW_THREADS
     free(xp);
     if (oom) {
@@ -650,10 +667,20 @@ static PyObject *limits(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("(iii)", MAX_GROUPS, MAX_LANES, MAX_TILES);
 }
 
+/* spin_us([us]): how long the kernel's helper threads spin for the next product before they sleep (microseconds;
+ * the previous value is returned, a negative or no argument only reads it). */
+static PyObject *spin_us(PyObject *self, PyObject *args) {
+    (void)self;
+    long long us = -1;
+    if (!PyArg_ParseTuple(args, "|L", &us)) return NULL;
+    return PyLong_FromLongLong(lunit_spin_us(us));
+}
+
 static PyMethodDef methods[] = {
     {"matmul_affine", (PyCFunction)(void (*)(void))matmul_affine, METH_FASTCALL,
      "y = x @ dequant(W)^T from packed affine codes (see romac/emulator/_lunit.c)"},
     {"widths", widths, METH_VARARGS, "the lane widths of the kernels this CPU runs ([bits, per, lanes]: for them)"},
+    {"spin_us", spin_us, METH_VARARGS, "how long idle helper threads spin before they sleep, in microseconds"},
     {"limits", limits, METH_NOARGS, "(groups a row, lanes a group, column tiles) the kernel's tables hold"},
     {NULL, NULL, 0, NULL}};
 

@@ -44,7 +44,8 @@ from collections.abc import Callable
 # numba's OpenMP threads spin while they wait (libgomp's default); when another process holds a core, a spinning
 # thread keeps the one doing the work off it: a 576 x 576 product took 8.0 ms instead of 0.12 ms on two threads
 # with one other process busy, 0.12 ms with a passive wait (docs/performance.md). libgomp reads this when numba
-# loads it, at the first parallel product; a policy the user set is kept.
+# loads it, at the first parallel product; a policy the user set is kept. (The C kernel has threads of its own,
+# romac/emulator/_lunit_pool.h, which never wait for each other.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba

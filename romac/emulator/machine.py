@@ -31,9 +31,12 @@ KERNELS = ("native", "numba", "numpy")
 
 
 class Machine:
-    #: With threads > 1, products over at least this many multiply-adds are spread over numba's threads; smaller
-    #: ones run on the calling thread alone (a parallel launch costs a hand-off: docs/performance.md).
-    parallel_weights = 1 << 20
+    #: With threads > 1, products over at least this many multiply-adds are spread over threads; smaller ones run
+    #: on the calling thread alone (a parallel launch costs a hand-off: docs/performance.md). The C kernel's own
+    #: threads spin a while between products and take a chunk of rows as soon as they see one, so its hand-off is
+    #: cheap; numba's wake from sleep at every parallel product.
+    parallel_weights = 1 << 16
+    numba_parallel_weights = 1 << 20
 
     def __init__(self, artifacts: str | Path, adapter: str | None = None, threads: int = 1,
                  kernel: str = "native") -> None:
@@ -87,7 +90,9 @@ class Machine:
         if self.kernel == "numpy":
             return x @ self.weight_t(rid)
         shape = self.manifest.regions[rid].shape
-        threads = self.threads if shape[0] * shape[1] * x.shape[0] >= self.parallel_weights else 1
+        c_kernel = self.kernel == "native" and self.rom.kernel(rid).c_args is not None
+        least = self.parallel_weights if c_kernel else self.numba_parallel_weights
+        threads = self.threads if shape[0] * shape[1] * x.shape[0] >= least else 1
         self._use_threads(threads)  # numba's, for the regions the C kernel does not compute
         return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto", threads=threads)
 
