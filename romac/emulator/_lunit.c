@@ -43,6 +43,9 @@ typedef float v16f __attribute__((vector_size(64)));
 #define MAX_GROUPS 4096 /* groups of one row the per-row tables hold (a 512K-column row at groups of 128) */
 #define MAX_LANES 1024  /* group sizes the kernel computes */
 #define MAX_TILES 4096  /* column tiles of a matrix */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 8
+#endif
 
 /* Where the W lanes of lane vector lv of a group come from: bytes offs[lv] .. offs[lv] + W - 1 of the group's
  * codes, shifted down sh[lv] bits; they hold the group's columns first_col[lv], + per, ..., last_col[lv]. */
@@ -337,6 +340,8 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
             const uint8_t *p0 = tile + r * rbc + rr * sr, *p1 = tile + r * rbc + r * sr + rr * zr;               \
             const uint8_t *codes = tile + rr * rbc;                                                              \
             const float *x = xp + j * g->tc;                                                                     \
+            if (rr + PREFETCH_ROWS < r)                                                                          \
+                for (int64_t b = 0; b < NR * rbc; b += 64) __builtin_prefetch(codes + PREFETCH_ROWS * rbc + b);  \
             for (int64_t k = 0; k < ngc; k++, codes += GBYTES, x += G) {                                         \
                 V##_group p[NR];                                                                                 \
                 group q[NR];                                                                                     \
