@@ -43,6 +43,7 @@ typedef float v16f __attribute__((vector_size(64)));
 #define MAX_GROUPS 4096 /* groups of one row the per-row tables hold (a 512K-column row at groups of 128) */
 #define MAX_LANES 1024  /* group sizes the kernel computes */
 #define MAX_TILES 4096  /* column tiles of a matrix */
+#define CHUNK_ROWS 64 /* rows a chunk of a product on several threads, at most (see chunks()) */
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
@@ -550,12 +551,12 @@ typedef struct {
     int64_t chunk_rows, chunks_a_tile;
 } product;
 
-/* Rows a chunk: all of them on one thread; else about 16 (a few chunks a thread even for a 192-row product, so
- * that a thread that starts late or runs slow is made up for by the others), an even number (the kernel's row
- * pairs), within one row tile where the kernel goes tile by tile. Returns the number of chunks. */
+/* Rows a chunk: all of them on one thread; else CHUNK_ROWS, or one row tile where the kernel goes tile by tile and
+ * the tiles are shorter (each thread then streams whole tiles: SmolLM2's products on two threads took 8.6-8.9 ms
+ * against 10.3-12.9 in chunks of 16 rows, docs/performance.md). Returns the number of chunks. */
 static int64_t chunks(product *p, int64_t threads) {
     const geometry *g = p->g;
-    int64_t rows = threads > 1 ? 16 : g->rows;
+    int64_t rows = threads > 1 ? CHUNK_ROWS : g->rows;  /* even: the kernel's row pairs stay whole */
     if (p->tile_rows) {
         if (rows > g->tr) rows = g->tr;
         p->chunk_rows = rows;

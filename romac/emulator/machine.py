@@ -56,6 +56,9 @@ class Machine:
         isa.validate(self.program)
         self._handlers: list[tuple[Callable, isa.Instr]] = [(SEMANTICS[i.op], i) for i in self.program if i.op != isa.Opcode.HALT]
         self._weights_t: dict[int, np.ndarray] = {}
+        # per matrix region: the C kernel's bound product (None: numba's), and from how many positions it is
+        # spread over the threads
+        self._products: dict[int, tuple[Callable | None, int]] = {}
         self._rope: dict[int, np.ndarray] = {}
         self._rope_step: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.buf: dict[int, np.ndarray] = {}
@@ -89,12 +92,18 @@ class Machine:
         """``x @ W^T`` for a matrix region: from the packed codes (native), or decoded and BLAS (numpy)."""
         if self.kernel == "numpy":
             return x @ self.weight_t(rid)
-        shape = self.manifest.regions[rid].shape
-        c_kernel = self.kernel == "native" and self.rom.kernel(rid).c_args is not None
-        least = self.parallel_weights if c_kernel else self.numba_parallel_weights
-        threads = self.threads if shape[0] * shape[1] * x.shape[0] >= least else 1
-        self._use_threads(threads)  # numba's, for the regions the C kernel does not compute
-        return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto", threads=threads)
+        plan = self._products.get(rid)
+        if plan is None:
+            shape = self.manifest.regions[rid].shape
+            product = self.rom.product(rid) if self.kernel == "native" else None
+            least = self.parallel_weights if product is not None else self.numba_parallel_weights
+            plan = self._products[rid] = (product, -(-least // (shape[0] * shape[1])))
+        product, parallel_from = plan
+        threads = self.threads if x.shape[0] >= parallel_from else 1
+        if product is not None:
+            return product(np.ascontiguousarray(x, np.float32), threads)
+        self._use_threads(threads)  # numba's thread count
+        return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto")
 
     def _use_threads(self, n: int) -> None:
         """numba's thread count for the next products (a per-thread setting, capped by NUMBA_NUM_THREADS)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numba
 import numpy as np
@@ -175,6 +176,12 @@ class Rom:
         x = np.ascontiguousarray(x, f32).reshape(-1, int(k.geo[K.G_COLS]))
         return K.matmul(self.bank_list, k.tile_bank, k.tile_offset, k.geo, k.lane_cols, k.values, k.nested,
                         k.offset, x, k.c_args, engine, width, threads)
+
+    def product(self, rid: int) -> Callable[[np.ndarray, int], np.ndarray] | None:
+        """``x @ W^T`` for matrix region rid as ``f(x, threads)`` (x float32 [T, in], C-contiguous) when the C
+        kernel computes it (its arguments bound once: K.c_product), else None. The same bits as ``matmul``."""
+        c_args = self.kernel(rid).c_args
+        return None if c_args is None else K.c_product(c_args)
 
     def rows(self, rid: int, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of matrix region rid (float32 [n, in]), equal to ``value(rid)[ids]`` bit for bit."""
