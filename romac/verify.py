@@ -132,11 +132,13 @@ def verify(
     tolerance: float = 1e-5,
     with_onnx: bool = True,
     progress: bool = False,
+    threads: int = 1,
 ) -> list[AdapterCheck]:
     """Check the emulator against the golden model for the base and every adapter given (see the module doc).
-    ``progress``: say on stderr what it is doing (each step of a large model takes a while)."""
+    ``progress``: say on stderr what it is doing (each step of a large model takes a while); ``threads``: the
+    emulator's (its logits do not depend on them)."""
     say = (lambda text: print(f"romac: {text}", file=sys.stderr, flush=True)) if progress else (lambda text: None)
-    machine = Machine(artifacts)
+    machine = Machine(artifacts, threads=threads)
     manifest = machine.manifest
     model = source_model(manifest, model_spec, adapter_specs)
     chip = what_the_quantizer_chose(model, machine)  # the golden model's view; the FP32 reference keeps the source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -19,6 +20,16 @@ from romac.summary import artifacts_report, capacity_lines, performance_lines, w
 from romac.verify import verify as run_verify
 
 
+_THREADS = click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="Threads for the products (default: the cores this process may use; the logits do not "
+                             "depend on how many, bit for bit).")
+
+
+def _cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @cli.command()
 @click.argument("artifacts")  # checked by open_artifacts: one line naming the path
 @click.option("--adapter", default=None, help="Adapter to make resident (default: none, the base model).")
@@ -32,8 +43,7 @@ from romac.verify import verify as run_verify
                    "reads against an independent decoder of the bank images (exit 1 on a difference).")
 @click.option("--trace-tiles", type=click.IntRange(min=0), default=8, show_default=True,
               help="With --trace: tiles checked per region (the first, the last, random ones; 0: every tile).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Threads for the large products (the logits do not depend on how many, bit for bit).")
+@_THREADS
 def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits, trace, trace_tiles,
         threads) -> None:
     """Run the emulator on an artifact directory: print the prompt and its continuation (--prompt) or the ids."""
@@ -51,7 +61,7 @@ def run(artifacts, adapter, prompt_text, prompt_ids, max_new_tokens, dump_logits
         if not ids:
             raise RomacError("a prompt is required", where="--prompt-ids",
                              hint="e.g. --prompt-ids 1,2,3, or --prompt TEXT when the artifacts carry a tokenizer")
-    machine = Machine(artifacts, adapter=adapter, threads=threads)
+    machine = Machine(artifacts, adapter=adapter, threads=threads or _cores())
     if trace:
         _trace(machine, trace_tiles or None)
     eos = machine.config.get("eos_token_id")
@@ -95,10 +105,11 @@ def _trace(machine: Machine, tiles: int | None) -> None:
 @click.option("--tolerance", type=float, default=1e-5, show_default=True, help="Largest relative logit error allowed.")
 @click.option("--no-onnx", is_flag=True, help="Skip the comparison with onnxruntime on the FP32 model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onnx, as_json) -> None:
+@_THREADS
+def verify(artifacts, model_spec, adapters, steps, prompt_ids, tolerance, no_onnx, as_json, threads) -> None:
     """Check the emulator against the golden model (and report the distance from FP32 onnxruntime)."""
     checks = run_verify(artifacts, model_spec, adapters, steps, _ids(prompt_ids), tolerance, not no_onnx,
-                        progress=not as_json)
+                        progress=not as_json, threads=threads or _cores())
     if as_json:
         click.echo(json.dumps([{**c.__dict__, "passed": c.passed} for c in checks], indent=1))
     else:

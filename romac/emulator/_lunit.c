@@ -309,16 +309,33 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
     return a[0];
 }
 
+/* tree() of one vector's lanes, the sum of a row's last W lanes: v8 through memory, v16 in registers (the same
+ * pairs: lane k adds lane k + 8, then k + 4, k + 2, k + 1). */
+static inline TARGET_V8 float v8_lanes_sum(v8f u) {
+    float lanes[8];
+    memcpy(lanes, &u, sizeof lanes);
+    return tree(lanes, 8);
+}
+
+#if LUNIT_X86
+static inline TARGET_V16 float v16_lanes_sum(v16f u) {
+    __m512 z = (__m512)u;
+    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(z), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+    return _mm_cvtss_f32(q);
+}
+#endif
+
 /* The pairwise sum (kernels._tree's order) of a row's G = NV * W lanes held in the NV vectors acc[0..NV-1], NV a
  * power of two: while more than one vector is left, lane k adds lane k + n/2 (vector v adds vector v + nv/2), the
  * same per-lane operations as tree() on the stored lanes; the last vector's W lanes by tree(). */
-#define REDUCE_ROW(VEC, W, NV, acc, out)                                                                         \
+#define REDUCE_ROW(V, NV, acc, out)                                                                              \
     do {                                                                                                         \
         _Pragma("GCC unroll 8") for (int h = NV / 2; h >= 1; h /= 2)                                            \
             _Pragma("GCC unroll 8") for (int v = 0; v < h; v++) (acc)[v] += (acc)[v + h];                       \
-        float lanes_[W];                                                                                         \
-        memcpy(lanes_, &(acc)[0], sizeof lanes_);                                                                \
-        (out) = tree(lanes_, W);                                                                                 \
+        (out) = V##_lanes_sum((acc)[0]);                                                                         \
     } while (0)
 
 /* One position, NR consecutive rows (from rr) of a row tile of r rows whose column tiles are row_tiles, when one
@@ -386,7 +403,7 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) REDUCE_ROW(VEC, W, NV, a[n], out[n]);              \
+        _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) REDUCE_ROW(V, NV, a[n], out[n]);                   \
     }
 
 /* One position, rows rr0 .. rr1 - 1 of row tile i, NR at a time (V##_rows_##BITS##_##NR, defined before when
@@ -448,6 +465,17 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
         V##_prefill_##BITS##_6(g, gr, ng, xp, xs, acc);                                                          \
     }
 
+/* tree() of the G = 8 * W lanes at p, in vector registers (kernels._tree's pairs: vector v adds vector v + 4,
+ * then v + 2, then v + 1, then the last vector's lanes), loaded as the whole vectors the prefill stored. */
+#define DEFINE_ROW_SUM(V, VEC, TARGET)                                                                           \
+    static inline TARGET float V##_row_sum(const float *p) {                                                     \
+        VEC u[8];                                                                                                \
+        float sum;                                                                                               \
+        memcpy(u, p, sizeof u);                                                                                  \
+        REDUCE_ROW(V, 8, u, sum);                                                                                \
+        return sum;                                                                                              \
+    }
+
 /* y[t][o] for every position t of row o: blocks of 8 positions (2- and 4-bit codes in groups of 8 lane vectors),
  * of 4, then one at a time, each over the group's lane vectors in blocks as wide as the registers allow; and the
  * one-position kernel over a row tile (V##_tile_rows). */
@@ -459,6 +487,7 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
     DEFINE_BLOCK(V, VEC, W, TARGET, 4, P4)                                                                       \
     DEFINE_BLOCK(V, VEC, W, TARGET, 4, 1)                                                                        \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 2, NR)                                                             \
+    DEFINE_ROW_SUM(V, VEC, TARGET)                                                                               \
     DEFINE_PREFILLS(V, VEC, W, TARGET, 2)                                                                        \
     DEFINE_PREFILLS(V, VEC, W, TARGET, 4)                                                                        \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 4, NR)                                                             \
@@ -469,7 +498,7 @@ static inline TARGET_V8 float tree(float *a, int64_t n) {
         if (nvec == 8 && (g->bits == 2 || g->bits == 4))                                                         \
             for (; t0 + 8 <= n_t; t0 += 8) {                                                                     \
                 (g->bits == 2 ? V##_prefill_2 : V##_prefill_4)(g, gr, ng, xp + t0 * xs, xs, acc);                \
-                for (int64_t t = 0; t < 8; t++) y[(t0 + t) * g->rows + o] = tree(acc + t * G, G);                \
+                for (int64_t t = 0; t < 8; t++) y[(t0 + t) * g->rows + o] = V##_row_sum(acc + t * G);              \
             }                                                                                                    \
         for (; t0 + 4 <= n_t; t0 += 4) {                                                                         \
             int64_t lv = 0;                                                                                      \
