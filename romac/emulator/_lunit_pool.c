@@ -62,8 +62,17 @@ static struct {
     const void *job;
     size_t scratch_bytes;
     int started;                /* helpers running (only the submitter changes it, holding submit) */
+    /* when another process holds a helper's core (only the submitter changes these, holding submit) */
+    int64_t alone;              /* products still to run on the calling thread alone */
+    int64_t backoff;            /* how many the next stall sends there */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0,
-          100000, NULL, NULL, 0, 0};
+          100000, NULL, NULL, 0, 0, 0, 1};
+
+/* A product whose caller waited this long for a helper's chunk after finishing its own share lost its helper to
+ * another process (a wake-up from sleep takes tens of microseconds; a preempted thread is back after a scheduler
+ * slice, milliseconds). */
+#define STALL_NS 500000
+#define MAX_BACKOFF 4096
 
 static inline uint64_t ticket_gen(uint64_t t) { return t >> GEN_SHIFT; }
 static inline int64_t ticket_n(uint64_t t) { return (int64_t)((t >> IDX_BITS) & FIELD_MASK); }
@@ -131,6 +140,8 @@ static void after_fork_child(void) {
     pthread_cond_init(&pool.wake, NULL);
     atomic_store(&pool.sleepers, 0);
     pool.started = 0;
+    pool.alone = 0;
+    pool.backoff = 1;
 }
 
 static pthread_once_t fork_handler = PTHREAD_ONCE_INIT;
@@ -142,6 +153,11 @@ int lunit_run(lunit_chunk_fn fn, const void *job, int64_t n_chunks, size_t scrat
     if (helpers > n_chunks - 1) helpers = (int)(n_chunks - 1);
     if (helpers < 1 || n_chunks >= LUNIT_MAX_CHUNKS || pthread_mutex_trylock(&pool.submit) != 0)
         return run_inline(fn, job, n_chunks, scratch_bytes);
+    if (pool.alone > 0) { /* a helper stalled a product lately: the next ones without them, then try again */
+        pool.alone--;
+        pthread_mutex_unlock(&pool.submit);
+        return run_inline(fn, job, n_chunks, scratch_bytes);
+    }
     pthread_once(&fork_handler, install_fork_handler);
     while (pool.started < helpers) {
         pthread_t th;
@@ -174,9 +190,17 @@ int lunit_run(lunit_chunk_fn fn, const void *job, int64_t n_chunks, size_t scrat
     size_t have = scratch_bytes;
     work(&scratch, &have);
     /* only chunks a helper has claimed are waited for; each is being computed */
+    int64_t waited_from = 0;
     for (int k = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < n_chunks; k++) {
+        if (k == 1) waited_from = now_ns();
         if (k % 4096 == 0) sched_yield();  /* a helper was preempted in its chunk */
         CPU_RELAX();
+    }
+    if (waited_from && now_ns() - waited_from > STALL_NS) {
+        pool.alone = pool.backoff;
+        pool.backoff = pool.backoff * 2 < MAX_BACKOFF ? pool.backoff * 2 : MAX_BACKOFF;
+    } else if (pool.backoff > 1) {
+        pool.backoff /= 2;
     }
     int failed = atomic_load(&pool.failed);
     free(scratch);
