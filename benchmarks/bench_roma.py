@@ -16,7 +16,7 @@ artifact directory. The artifact directories are deleted afterwards unless --kee
 base and the adapter), then the emulator's greedy decode rate (``--decode-tokens`` steps after the prompt, one and
 two threads); it prints wall time, peak RSS, the relative logit error, whether the greedy tokens agree and the
 decode rate, and fails if a verify fails or passes the issue's limits (20 minutes, 6 GiB). ``--decode`` measures
-only the decode rate, with the C kernel (``Machine(kernel="native")``) and numba alone, one and two threads.
+only the decode rate, with the C kernel (``Machine(kernel="native")``) and numba alone (``--kernel`` picks), one and two threads.
 
 A/B: each ``--python LABEL=COMMAND`` is an interpreter with its own romac installed (e.g. a venv of an older
 commit), or a command that ends in one (``"numpy=env ROMAC_NATIVE=0 python"``); with ``--repeat N`` the labels
@@ -131,7 +131,7 @@ def run_and_verify(model: str, target: str, exe: str, src: Path, out: Path, args
 
 def decode_rates(model: str, exe: str, out: Path, args) -> None:
     """The emulator's decode rate on one compile: each (kernel, threads) in turn, --repeat rounds; the median."""
-    configs = [(k, t) for k in ("native", "numba") for t in (1, 2)]
+    configs = [(k, t) for k in args.kernel or ("native", "numba") for t in (1, 2)]
     rates: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for rnd in range(args.repeat):
         for kernel, threads in configs:
@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true",
                     help="also the emulator's greedy decode rate of each compile, with Machine(kernel=native) (the C "
                          "kernel) and kernel=numba, one and two threads, taking turns --repeat times")
+    ap.add_argument("--kernel", action="append", choices=["native", "numba"], default=None,
+                    help="with --decode: the Machine kernels to measure (repeatable; default both)")
     args = ap.parse_args()
     pythons = [tuple(p.split("=", 1)) for p in args.python] if args.python else [("romac", sys.executable)]
     rows, sums, checks = [], {}, []
