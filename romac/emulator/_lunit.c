@@ -44,6 +44,10 @@ typedef float v16f __attribute__((vector_size(64)));
 #define MAX_LANES 1024  /* group sizes the kernel computes */
 #define MAX_TILES 4096  /* column tiles of a matrix */
 #define CHUNK_ROWS 64 /* rows a chunk of a product on several threads, at most (see chunks()) */
+/* Rows of at most this many columns (lanes) take the 8-position prefill; longer ones the 4-position one: the 8
+ * positions' inputs of a longer row (32 KiB and more) no longer stay in L1 from one row to the next (1536 and
+ * 4096 columns: the 4-position kernel 1.2-1.3x as fast; 576: the 8-position one 1.5x, docs/performance.md). */
+#define PREFILL8_MAX_COLS 1024
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
@@ -418,13 +422,13 @@ static inline TARGET_V16 float v16_lanes_sum(v16f u) {
         for (; rr < rr1; rr++) V##_rows_##BITS##_1(g, row_tiles, r, rr, xp, y + i * g->tr + rr);                 \
     }
 
-/* NT positions, the NV lane vectors from LV0, of a row whose groups (gr, from row_groups) are G = 8 * W lanes of
+/* NT positions, the NV lane vectors from LV0 = K * NV (mod 8), of a row whose groups (gr, from row_groups) are G = 8 * W lanes of
  * BITS-bit codes: the offsets and shifts are constants, each lane vector's weights are computed once for the NT
  * positions. acc: [NT][G]. */
-#define DEFINE_PREFILL(V, VEC, W, TARGET, NT, NV, BITS, LV0)                                                     \
-    static TARGET void V##_prefill_##BITS##_##LV0(const geometry *g, const group *gr, int64_t ng,              \
-                                                  const float *xp, int64_t xs, float *acc) {                    \
-        enum { G = 8 * W, ST = G / (8 / BITS) };                                                                 \
+#define DEFINE_PREFILL(V, VEC, W, TARGET, NT, NV, BITS, K)                                                       \
+    static TARGET void V##_prefill##NT##_##BITS##_##K(const geometry *g, const group *gr, int64_t ng,          \
+                                                      const float *xp, int64_t xs, float *acc) {                \
+        enum { G = 8 * W, ST = G / (8 / BITS), LV0 = (K) * (NV) % 8 };                                          \
         const lane_vectors *L = &g->V;                                                                           \
         VEC a[NT][NV];                                                                                           \
         _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                     \
@@ -451,18 +455,32 @@ static inline TARGET_V16 float v16_lanes_sum(v16f u) {
                 memcpy(acc + t * G + (LV0 + v) * W, &a[t][v], sizeof a[t][v]);                                  \
     }
 
-/* The constant-shift prefill of BITS-bit codes: 8 positions, lane vectors two at a time. */
-#define DEFINE_PREFILLS(V, VEC, W, TARGET, BITS)                                                                 \
+/* The constant-shift prefills of BITS-bit codes: 8 positions, lane vectors two at a time, and 4 positions, P4 at a
+ * time (as many as the registers hold beside the accumulators: 4 with 16-lane vectors, 2 with 8-lane ones). */
+#define DEFINE_PREFILLS(V, VEC, W, TARGET, BITS, P4)                                                             \
     DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 0)                                                             \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 1)                                                             \
     DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 2)                                                             \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 4)                                                             \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 6)                                                             \
-    static TARGET void V##_prefill_##BITS(const geometry *g, const group *gr, int64_t ng, const float *xp,      \
-                                          int64_t xs, float *acc) {                                              \
-        V##_prefill_##BITS##_0(g, gr, ng, xp, xs, acc);                                                          \
-        V##_prefill_##BITS##_2(g, gr, ng, xp, xs, acc);                                                          \
-        V##_prefill_##BITS##_4(g, gr, ng, xp, xs, acc);                                                          \
-        V##_prefill_##BITS##_6(g, gr, ng, xp, xs, acc);                                                          \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 3)                                                             \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 0)                                                            \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 1)                                                            \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 2)                                                            \
+    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 3)                                                            \
+    static TARGET void V##_prefill8_##BITS(const geometry *g, const group *gr, int64_t ng, const float *xp,     \
+                                           int64_t xs, float *acc) {                                             \
+        V##_prefill8_##BITS##_0(g, gr, ng, xp, xs, acc);                                                         \
+        V##_prefill8_##BITS##_1(g, gr, ng, xp, xs, acc);                                                         \
+        V##_prefill8_##BITS##_2(g, gr, ng, xp, xs, acc);                                                         \
+        V##_prefill8_##BITS##_3(g, gr, ng, xp, xs, acc);                                                         \
+    }                                                                                                            \
+    static TARGET void V##_prefill4_##BITS(const geometry *g, const group *gr, int64_t ng, const float *xp,     \
+                                           int64_t xs, float *acc) {                                             \
+        V##_prefill4_##BITS##_0(g, gr, ng, xp, xs, acc);                                                         \
+        V##_prefill4_##BITS##_1(g, gr, ng, xp, xs, acc);                                                         \
+        if (P4 == 2) {                                                                                           \
+            V##_prefill4_##BITS##_2(g, gr, ng, xp, xs, acc);                                                     \
+            V##_prefill4_##BITS##_3(g, gr, ng, xp, xs, acc);                                                     \
+        }                                                                                                        \
     }
 
 /* tree() of the G = 8 * W lanes at p, in vector registers (kernels._tree's pairs: vector v adds vector v + 4,
@@ -488,18 +506,24 @@ static inline TARGET_V16 float v16_lanes_sum(v16f u) {
     DEFINE_BLOCK(V, VEC, W, TARGET, 4, 1)                                                                        \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 2, NR)                                                             \
     DEFINE_ROW_SUM(V, VEC, TARGET)                                                                               \
-    DEFINE_PREFILLS(V, VEC, W, TARGET, 2)                                                                        \
-    DEFINE_PREFILLS(V, VEC, W, TARGET, 4)                                                                        \
+    DEFINE_PREFILLS(V, VEC, W, TARGET, 2, P4)                                                                    \
+    DEFINE_PREFILLS(V, VEC, W, TARGET, 4, P4)                                                                    \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 4, NR)                                                             \
     static TARGET void V##_row(const geometry *g, const uint8_t *const *tiles, int64_t o, const float *xp,      \
                                int64_t n_t, float *y, group *gr, float *acc) {                                  \
         const int64_t G = g->lanes, nvec = G / W, xs = g->n_groups * G;                                          \
         int64_t ng = row_groups(g, tiles, o, gr), t0 = 0;                                                        \
-        if (nvec == 8 && (g->bits == 2 || g->bits == 4))                                                         \
-            for (; t0 + 8 <= n_t; t0 += 8) {                                                                     \
-                (g->bits == 2 ? V##_prefill_2 : V##_prefill_4)(g, gr, ng, xp + t0 * xs, xs, acc);                \
-                for (int64_t t = 0; t < 8; t++) y[(t0 + t) * g->rows + o] = V##_row_sum(acc + t * G);              \
+        if (nvec == 8 && (g->bits == 2 || g->bits == 4)) {                                                       \
+            if (xs <= PREFILL8_MAX_COLS)                                                                         \
+                for (; t0 + 8 <= n_t; t0 += 8) {                                                                 \
+                    (g->bits == 2 ? V##_prefill8_2 : V##_prefill8_4)(g, gr, ng, xp + t0 * xs, xs, acc);          \
+                    for (int64_t t = 0; t < 8; t++) y[(t0 + t) * g->rows + o] = V##_row_sum(acc + t * G);        \
+                }                                                                                                \
+            for (; t0 + 4 <= n_t; t0 += 4) {                                                                     \
+                (g->bits == 2 ? V##_prefill4_2 : V##_prefill4_4)(g, gr, ng, xp + t0 * xs, xs, acc);              \
+                for (int64_t t = 0; t < 4; t++) y[(t0 + t) * g->rows + o] = V##_row_sum(acc + t * G);            \
             }                                                                                                    \
+        }                                                                                                        \
         for (; t0 + 4 <= n_t; t0 += 4) {                                                                         \
             int64_t lv = 0;                                                                                      \
             for (; lv + P4 <= nvec; lv += P4) V##_block_4_##P4(g, gr, ng, xp + t0 * xs, xs, lv, acc);            \
