@@ -40,6 +40,10 @@ int64_t lunit_spin_us(int64_t us) {
 #define CPU_RELAX() ((void)0)
 #endif
 
+/* How long a helper spins for the next product: longer than the Python between two products of a decode step
+ * (up to ~100 us around attention, more on a slow moment). SmolLM2's decode on two threads, helpers spinning
+ * 100 / 300 / 1000 us: 15.9 / 15.0 / 13.9 ms a step (docs/performance.md); a sleeping helper costs a wake-up. */
+#define SPIN_NS 1000000
 #define MAX_HELPERS 63 /* with the caller, the 64 threads LUNIT_MAX_CHUNKS leaves room for */
 /* The claim counter: [generation: 20 bits][chunks of the product: 22][next chunk: 22]. One atomic word, so a
  * helper that claims a chunk learns in the same step which product it belongs to and whether it exists. */
@@ -66,7 +70,7 @@ static struct {
     int64_t alone;              /* products still to run on the calling thread alone */
     int64_t backoff;            /* how many the next stall sends there */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0,
-          100000, NULL, NULL, 0, 0, 0, 1};
+          SPIN_NS, NULL, NULL, 0, 0, 0, 1};
 
 /* A product whose caller waited this long for a helper's chunk after finishing its own share lost its helper to
  * another process (a wake-up from sleep takes tens of microseconds; a preempted thread is back after a scheduler

@@ -6,8 +6,8 @@
  * for a product of tens of microseconds); and libgomp's helpers either spin for a long time between products or
  * sleep and take a futex wake-up at every product (docs/performance.md measures both). Here the chunks are
  * claimed one at a time from a shared counter, and the caller waits only for chunks a helper has claimed, never
- * for a helper to turn up: if none does, the caller computes every chunk. A helper spins a short while after a
- * product (the Python between two products takes tens of microseconds), then sleeps. When the caller had to wait
+ * for a helper to turn up: if none does, the caller computes every chunk. A helper spins for a millisecond after a
+ * product (the Python between two products of a decode step takes tens of microseconds), then sleeps. When the caller had to wait
  * long for a chunk a helper claimed (another process took the helper's core), the next products run on the
  * calling thread alone, more of them after each such stall, fewer after each product that went well. Which
  * thread computes a chunk never changes its bits: chunks are whole output rows. */
