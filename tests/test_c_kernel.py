@@ -29,7 +29,7 @@ CASES = [
     ("int4-g64-t256", _SHAPE, dict(tile_rows=8, tile_cols=256, group_size=64), dict(quant="int4")),
     ("int2-g32", _SHAPE, dict(tile_rows=8, tile_cols=64, group_size=32), dict(quant="int2")),
     ("int4-g16", _SHAPE, dict(tile_rows=8, tile_cols=48, group_size=16), dict(quant="int4")),
-    # the down projection's rows of 1,100 columns: past the 8-position prefill's limit (PREFILL8_MAX_COLS)
+    # the down projection's rows of 1,100 columns: past the 8-position prefill's limit (PREFILL8_MAX_COLS, 768)
     ("int2-g128-long-rows", dict(_SHAPE, intermediate_size=1100), dict(tile_rows=16, tile_cols=128), dict(quant="int2")),
 ]
 

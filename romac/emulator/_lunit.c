@@ -45,9 +45,10 @@ typedef float v16f __attribute__((vector_size(64)));
 #define MAX_TILES 4096  /* column tiles of a matrix */
 #define CHUNK_ROWS 64 /* rows a chunk of a product on several threads, at most (see chunks()) */
 /* Rows of at most this many columns (lanes) take the 8-position prefill; longer ones the 4-position one: the 8
- * positions' inputs of a longer row (32 KiB and more) no longer stay in L1 from one row to the next (1536 and
- * 4096 columns: the 4-position kernel 1.2-1.3x as fast; 576: the 8-position one 1.5x, docs/performance.md). */
-#define PREFILL8_MAX_COLS 1024
+ * positions' inputs of a longer row (32 KiB and more) no longer stay in L1 from one row to the next (1024, 1536
+ * and 4096 columns: the 4-position kernel 1.2-1.4x as fast; 256-768: the two within this machine's noise,
+ * docs/performance.md). */
+#define PREFILL8_MAX_COLS 768
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
