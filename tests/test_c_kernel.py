@@ -3,7 +3,8 @@ for every format it computes (INT2/INT4/INT8 affine codes with their fp16 scales
 columns that are not multiples of the tile, a partial last group, lane vectors that hold only some of its
 columns), for one position and for prefills of every remainder of its blocks of four, on one to three threads,
 at each lane width this CPU runs; and its thread pool: products from several Python threads at once, and in a
-child process forked after the pool's threads started. The numba kernel is tested against the numpy definition (test_kernels.py)."""
+child process forked after the pool's threads started. The numba kernel is tested against the numpy definition
+(test_kernels.py)."""
 
 from __future__ import annotations
 

@@ -49,9 +49,7 @@ typedef float v16f __attribute__((vector_size(64)));
  * and 4096 columns: the 4-position kernel 1.2-1.4x as fast; 256-768: the two within this machine's noise,
  * docs/performance.md). */
 #define PREFILL8_MAX_COLS 768
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 8
-#endif
+#define PREFETCH_ROWS 8 /* one position: the codes of the row this many ahead are prefetched (docs/performance.md) */
 
 /* Where the W lanes of lane vector lv of a group come from: bytes offs[lv] .. offs[lv] + W - 1 of the group's
  * codes, shifted down sh[lv] bits; they hold the group's columns first_col[lv], + per, ..., last_col[lv]. */
@@ -335,7 +333,7 @@ static inline TARGET_V16 float v16_lanes_sum(v16f u) {
 
 /* The pairwise sum (kernels._tree's order) of a row's G = NV * W lanes held in the NV vectors acc[0..NV-1], NV a
  * power of two: while more than one vector is left, lane k adds lane k + n/2 (vector v adds vector v + nv/2), the
- * same per-lane operations as tree() on the stored lanes; the last vector's W lanes by tree(). */
+ * same per-lane operations as tree() on the stored lanes; the last vector's W lanes by V##_lanes_sum. */
 #define REDUCE_ROW(V, NV, acc, out)                                                                              \
     do {                                                                                                         \
         _Pragma("GCC unroll 8") for (int h = NV / 2; h >= 1; h /= 2)                                            \

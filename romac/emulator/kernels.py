@@ -415,24 +415,21 @@ def matmul(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndar
     if engine == "c" and not use_c:
         raise ValueError("the C kernel does not compute this region (or is not built)")
     if use_c:
-        _lunit.matmul_affine(*c_args, x, y, numba.get_num_threads() if threads is None else threads, width)
-        return y
+        return _c_matmul(c_args, x, numba.get_num_threads() if threads is None else threads, width)
     _kernel(geo)(banks, tb, to, geo, lane_cols, values, nested, offset, x, y)
+    return y
+
+
+def _c_matmul(c_args: tuple, x: np.ndarray, threads: int, width: int) -> np.ndarray:
+    y = np.empty((x.shape[0], c_args[2]), f32)  # c_args[2]: the region's rows (c_plan)
+    _lunit.matmul_affine(*c_args, x, y, threads, width)
     return y
 
 
 def c_product(c_args: tuple, width: int = 0) -> Callable[[np.ndarray, int], np.ndarray]:
     """``matmul`` by the C kernel for one region, its arguments bound once: ``f(x, threads)`` with x float32
     [T, in], C-contiguous (the per-product path of the emulator's decode, a few microseconds shorter)."""
-    out = int(c_args[2])
-    run = _lunit.matmul_affine
-
-    def product(x: np.ndarray, threads: int) -> np.ndarray:
-        y = np.empty((x.shape[0], out), f32)
-        run(*c_args, x, y, threads, width)
-        return y
-
-    return product
+    return lambda x, threads: _c_matmul(c_args, x, threads, width)
 
 
 def rows(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
