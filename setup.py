@@ -1,6 +1,7 @@
-"""The C extension romac.emulator._lunit (the emulator's affine product kernel); everything else is in
-pyproject.toml. The extension is optional: without a C compiler the install goes on and the numba kernels
-compute every product (romac.emulator.kernels)."""
+"""The C extensions romac.emulator._lunit (the emulator's affine product kernel) and romac.emulator._vunit (its
+per-position instructions); everything else is in pyproject.toml. Both are optional: without a C compiler the
+install goes on, the numba kernels compute every product (romac.emulator.kernels) and romac.emulator.ops every
+other instruction."""
 
 import sys
 
@@ -15,6 +16,11 @@ if sys.platform != "win32":
     compile_args.append("-pthread")
     link_args.append("-pthread")
 
-setup(ext_modules=[Extension("romac.emulator._lunit", ["romac/emulator/_lunit.c", "romac/emulator/_lunit_pool.c"],
-                             depends=["romac/emulator/_lunit_pool.h"], extra_compile_args=compile_args,
-                             extra_link_args=link_args, optional=True)])
+setup(ext_modules=[
+    Extension("romac.emulator._lunit", ["romac/emulator/_lunit.c", "romac/emulator/_lunit_pool.c"],
+              depends=["romac/emulator/_lunit_pool.h"], extra_compile_args=compile_args, extra_link_args=link_args,
+              optional=True),
+    # the per-position instructions (RMSNORM, ROPE, LORA, ATTN) of the native kernel: romac/emulator/vector_unit.py
+    Extension("romac.emulator._vunit", ["romac/emulator/_vunit.c"], extra_compile_args=compile_args,
+              extra_link_args=link_args, optional=True),
+])

@@ -18,6 +18,7 @@ from romac.artifacts import open_artifacts
 from romac.emulator.ops import SEMANTICS
 from romac.emulator.rom import Rom
 from romac.emulator.sram import Sram
+from romac.emulator.vector_unit import NATIVE_SEMANTICS
 from romac.errors import RomacError
 from romac.spec import isa
 from romac.spec.formats import element_format
@@ -54,7 +55,9 @@ class Machine:
         self.sram = Sram(root, self.manifest)
         self.program = isa.decode((root / PROGRAM_BIN).read_bytes(), source=str(root / PROGRAM_BIN))
         isa.validate(self.program)
-        self._handlers: list[tuple[Callable, isa.Instr]] = [(SEMANTICS[i.op], i) for i in self.program if i.op != isa.Opcode.HALT]
+        semantics = NATIVE_SEMANTICS if kernel == "native" else SEMANTICS
+        self._handlers: list[tuple[Callable, isa.Instr]] = [(semantics[i.op], i) for i in self.program
+                                                            if i.op != isa.Opcode.HALT]
         self._weights_t: dict[int, np.ndarray] = {}
         # per matrix region: the C kernel's bound product (None: numba's), and from how many positions it is
         # spread over the threads

@@ -1,0 +1,282 @@
+/* The vector unit's per-position operations (RMSNORM, ROPE, LORA, ATTN) as a C extension: the decode hot path
+ * of the native kernel. On SmolLM2-135M a decode step runs ~360 of them on a few hundred floats each, so numpy's
+ * cost per call (allocating temporaries, broadcasting, a BLAS call per head) was a third of the step
+ * (docs/performance.md); here each is one call that writes into an array the caller allocated.
+ *
+ * romac/emulator/ops.py is the definition: each function computes exactly what its handler there computes, in the
+ * same order, with the same roundings (built with -ffp-contract=off: no fused multiply-add), so the results are the
+ * same bits (tests/test_vunit.py compares them). Every sum is ops.tree_sum's balanced tree (tree_rows below), exp
+ * is computed in float64 and rounded to float32. A position is computed the same way whatever else is in the
+ * batch, so a prefill and the decode steps of the same positions agree.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The loops below are elementwise over independent lanes (no reassociation), so a wider vector unit computes the
+ * same bits: on x86-64 with GCC (and ifunc) the hot ones are built for AVX-512 and AVX2 too, picked at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define VUNIT_FAST __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VUNIT_FAST
+#endif
+
+/* ops.tree_sum over the n rows of a [n][w] block, for each of the w columns, in place: the sums end in row 0.
+ * With h the largest power of two below n, row i + h is added to row i (i < n - h), then the same over h rows. */
+VUNIT_FAST static void tree_rows(float *a, Py_ssize_t n, Py_ssize_t w) {
+    while (n > 1) {
+        Py_ssize_t h = 1;
+        while (h * 2 < n) h *= 2;
+        /* rows i < n - h take rows i + h: (n - h) * w contiguous floats take the ones h * w further on */
+        float *restrict dst = a;
+        const float *restrict src = a + h * w;
+        const Py_ssize_t count = (n - h) * w;
+        for (Py_ssize_t l = 0; l < count; l++) dst[l] += src[l];
+        n = h;
+    }
+}
+
+/* t[i][l] = x[i] * a[i][l] for n rows of w: the terms of n sums' tree */
+VUNIT_FAST static void scaled_rows(float *restrict t, const float *restrict x, const float *restrict a, Py_ssize_t n,
+                                   Py_ssize_t w, Py_ssize_t a_stride) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float xi = x[i], *ai = a + i * a_stride;
+        float *ti = t + i * w;
+        for (Py_ssize_t l = 0; l < w; l++) ti[l] = xi * ai[l];
+    }
+}
+
+/* One head's scores q . k_j for the positions j < seen (rows of k kv_dim apart), each a tree over hd: the terms
+ * laid out [hd][seen], so that the tree runs over all positions at once. The scores end in terms[0 .. seen). */
+VUNIT_FAST static void head_scores(float *restrict terms, const float *restrict q, const float *restrict k,
+                                   Py_ssize_t kv_dim, Py_ssize_t seen, Py_ssize_t hd) {
+    for (Py_ssize_t j = 0; j < seen; j++) {
+        const float *kj = k + j * kv_dim;
+        for (Py_ssize_t d = 0; d < hd; d++) terms[d * seen + j] = q[d] * kj[d];
+    }
+    tree_rows(terms, hd, seen);
+}
+
+/* ---- argument handling: float32 C-contiguous buffers of known sizes ---- */
+
+typedef struct {
+    Py_buffer view[8];
+    int n;
+} views;
+
+static void release(views *v) {
+    for (int i = 0; i < v->n; i++) PyBuffer_Release(&v->view[i]);
+    v->n = 0;
+}
+
+/* a float32 C-contiguous buffer of at least `count` floats (writable if asked), or NULL with an exception */
+static float *floats(views *v, PyObject *obj, Py_ssize_t count, int writable, const char *name) {
+    Py_buffer *b = &v->view[v->n];
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, b, flags) < 0) return NULL;
+    v->n++;
+    if (b->itemsize != 4 || b->format == NULL || strcmp(b->format, "f") != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: a float32 array is needed", name);
+        return NULL;
+    }
+    if (b->len / 4 < count) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd floats, %zd are needed", name, b->len / 4, count);
+        return NULL;
+    }
+    return (float *)b->buf;
+}
+
+static int sizes(PyObject *const *args, Py_ssize_t first, Py_ssize_t n, Py_ssize_t *out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = PyLong_AsSsize_t(args[first + i]);
+        if (out[i] < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sizes must not be negative");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int nargs_is(Py_ssize_t nargs, Py_ssize_t want, const char *fn) {
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, not %zd", fn, want, nargs);
+    return -1;
+}
+
+/* ---- RMSNORM: y = x / sqrt(sum(x * x) / n + eps) * w, per position ---- */
+
+static PyObject *rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    /* rmsnorm(x, w, eps, y, positions, n) */
+    Py_ssize_t sz[2];
+    if (nargs_is(nargs, 6, "rmsnorm") < 0 || sizes(args, 4, 2, sz) < 0) return NULL;
+    Py_ssize_t t = sz[0], n = sz[1];
+    float eps = (float)PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    views v = {.n = 0};
+    const float *x = floats(&v, args[0], t * n, 0, "x");
+    const float *w = x ? floats(&v, args[1], n, 0, "w") : NULL;
+    float *y = w ? floats(&v, args[3], t * n, 1, "y") : NULL;
+    float *sq = y ? malloc((size_t)(n ? n : 1) * sizeof(float)) : NULL;
+    if (y && !sq) PyErr_NoMemory();
+    if (!sq) {
+        release(&v);
+        return NULL;
+    }
+    for (Py_ssize_t p = 0; p < t; p++) {
+        const float *xr = x + p * n;
+        float *yr = y + p * n;
+        for (Py_ssize_t j = 0; j < n; j++) sq[j] = xr[j] * xr[j];
+        tree_rows(sq, n, 1);
+        float var = sq[0];
+        var /= (float)n;
+        var += eps;
+        float s = sqrtf(var);
+        for (Py_ssize_t j = 0; j < n; j++) yr[j] = (xr[j] / s) * w[j];
+    }
+    free(sq);
+    release(&v);
+    Py_RETURN_NONE;
+}
+
+/* ---- ROPE: y = x * cos + rotate_half(x) * sin, per position and head ---- */
+
+static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    /* rope(x, cos, sin, y, positions, heads, head_dim) */
+    Py_ssize_t sz[3];
+    if (nargs_is(nargs, 7, "rope") < 0 || sizes(args, 4, 3, sz) < 0) return NULL;
+    Py_ssize_t t = sz[0], heads = sz[1], hd = sz[2], half = hd / 2;
+    views v = {.n = 0};
+    const float *x = floats(&v, args[0], t * heads * hd, 0, "x");
+    const float *c = x ? floats(&v, args[1], t * hd, 0, "cos") : NULL;
+    const float *s = c ? floats(&v, args[2], t * hd, 0, "sin") : NULL;
+    float *y = s ? floats(&v, args[3], t * heads * hd, 1, "y") : NULL;
+    if (!y) {
+        release(&v);
+        return NULL;
+    }
+    for (Py_ssize_t p = 0; p < t; p++) {
+        const float *cp = c + p * hd, *sp = s + p * hd;
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            const float *xh = x + (p * heads + h) * hd;
+            float *yh = y + (p * heads + h) * hd;
+            for (Py_ssize_t j = 0; j < half; j++) yh[j] = xh[j] * cp[j] - xh[j + half] * sp[j];
+            for (Py_ssize_t j = half; j < hd; j++) yh[j] = xh[j] * cp[j] + xh[j - half] * sp[j];
+        }
+    }
+    release(&v);
+    Py_RETURN_NONE;
+}
+
+/* ---- LORA: y = dst + ((x @ A^T) @ B^T) * scaling ---- */
+
+static PyObject *lora(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    /* lora(x, a_t [in, rank], b_t [rank, out], scaling, dst, y, positions, in, rank, out) */
+    Py_ssize_t sz[4];
+    if (nargs_is(nargs, 10, "lora") < 0 || sizes(args, 6, 4, sz) < 0) return NULL;
+    Py_ssize_t t = sz[0], in = sz[1], rank = sz[2], out = sz[3];
+    float scaling = (float)PyFloat_AsDouble(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    views v = {.n = 0};
+    const float *x = floats(&v, args[0], t * in, 0, "x");
+    const float *a = x ? floats(&v, args[1], in * rank, 0, "a_t") : NULL;
+    const float *b = a ? floats(&v, args[2], rank * out, 0, "b_t") : NULL;
+    const float *dst = b ? floats(&v, args[4], t * out, 0, "dst") : NULL;
+    float *y = dst ? floats(&v, args[5], t * out, 1, "y") : NULL;
+    /* the terms of one position's sums: [in][rank], then [rank][out] */
+    Py_ssize_t terms = in * rank > rank * out ? in * rank : rank * out;
+    float *buf = y ? malloc((size_t)(terms + rank + 1) * sizeof(float)) : NULL;
+    if (y && !buf) PyErr_NoMemory();
+    if (!buf) {
+        release(&v);
+        return NULL;
+    }
+    float *h = buf + terms;
+    for (Py_ssize_t p = 0; p < t; p++) {
+        const float *xp = x + p * in;
+        scaled_rows(buf, xp, a, in, rank, rank);
+        tree_rows(buf, in, rank);
+        memcpy(h, buf, (size_t)rank * sizeof(float));
+        scaled_rows(buf, h, b, rank, out, out);
+        tree_rows(buf, rank, out);
+        const float *dp = dst + p * out;
+        float *yp = y + p * out;
+        for (Py_ssize_t j = 0; j < out; j++) yp[j] = buf[j] * scaling + dp[j];
+    }
+    free(buf);
+    release(&v);
+    Py_RETURN_NONE;
+}
+
+/* ---- ATTN: causal softmax attention of new positions over the cached context, grouped-query ---- */
+
+static PyObject *attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    /* attn(q [t, heads*hd], k [end, kv_heads*hd], v [end, kv_heads*hd], y [t, heads*hd], positions, pos0,
+     *      heads, kv_heads, head_dim); end = pos0 + positions */
+    Py_ssize_t sz[5];
+    if (nargs_is(nargs, 9, "attn") < 0 || sizes(args, 4, 5, sz) < 0) return NULL;
+    Py_ssize_t t = sz[0], pos0 = sz[1], heads = sz[2], kv_heads = sz[3], hd = sz[4];
+    if (kv_heads == 0 || heads % kv_heads) {
+        PyErr_SetString(PyExc_ValueError, "heads must be a multiple of kv_heads");
+        return NULL;
+    }
+    Py_ssize_t end = pos0 + t, group = heads / kv_heads, kv_dim = kv_heads * hd;
+    views v = {.n = 0};
+    const float *q = floats(&v, args[0], t * heads * hd, 0, "q");
+    const float *k = q ? floats(&v, args[1], end * kv_dim, 0, "k") : NULL;
+    const float *vv = k ? floats(&v, args[2], end * kv_dim, 0, "v") : NULL;
+    float *y = vv ? floats(&v, args[3], t * heads * hd, 1, "y") : NULL;
+    /* one head's scores [end], and the terms of its sums: [hd][end] (its scores), [end][hd] (its output) */
+    float *scratch = y ? malloc((size_t)(end + end * hd) * sizeof(float)) : NULL;
+    if (y && !scratch) PyErr_NoMemory();
+    if (!scratch) {
+        release(&v);
+        return NULL;
+    }
+    float *score = scratch, *terms = scratch + end;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    for (Py_ssize_t p = 0; p < t; p++) {
+        Py_ssize_t seen = pos0 + p + 1; /* positions it attends to; the rest are masked */
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            Py_ssize_t c = h / group;
+            const float *qh = q + (p * heads + h) * hd;
+            head_scores(terms, qh, k + c * hd, kv_dim, seen, hd);
+            float top = -INFINITY;
+            for (Py_ssize_t j = 0; j < seen; j++) {
+                float s = terms[j] * scale;
+                score[j] = s;
+                if (s > top) top = s;
+            }
+            for (Py_ssize_t j = 0; j < seen; j++) score[j] = (float)exp((double)(score[j] - top));
+            for (Py_ssize_t j = seen; j < end; j++) score[j] = 0.0f; /* exp(-inf) */
+            memcpy(terms, score, (size_t)end * sizeof(float));
+            tree_rows(terms, end, 1);
+            const float total = terms[0];
+            for (Py_ssize_t j = 0; j < end; j++) score[j] /= total;
+            scaled_rows(terms, score, vv + c * hd, end, hd, kv_dim);
+            tree_rows(terms, end, hd);
+            memcpy(y + (p * heads + h) * hd, terms, (size_t)hd * sizeof(float));
+        }
+    }
+    free(scratch);
+    release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"rmsnorm", (PyCFunction)(void (*)(void))rmsnorm, METH_FASTCALL,
+     "rmsnorm(x, w, eps, y, positions, n): RMSNORM of romac.emulator.ops into y"},
+    {"rope", (PyCFunction)(void (*)(void))rope, METH_FASTCALL,
+     "rope(x, cos, sin, y, positions, heads, head_dim): ROPE of romac.emulator.ops into y"},
+    {"lora", (PyCFunction)(void (*)(void))lora, METH_FASTCALL,
+     "lora(x, a_t, b_t, scaling, dst, y, positions, in, rank, out): LORA of romac.emulator.ops into y"},
+    {"attn", (PyCFunction)(void (*)(void))attn, METH_FASTCALL,
+     "attn(q, k, v, y, positions, pos0, heads, kv_heads, head_dim): ATTN of romac.emulator.ops into y"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vunit", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__vunit(void) { return PyModule_Create(&module); }
