@@ -13,6 +13,8 @@ import pytest
 
 import romac.emulator.ops as ops
 import romac.emulator.vector_unit as vu
+from romac.codecs.elements import decode_lora, encode_lora, lora_code_values
+from romac.spec.formats import LORA_FORMATS, element_format
 from romac.spec.isa import FLAG_CORRECTION, Instr, Opcode, f32_bits
 
 pytestmark = pytest.mark.skipif(not vu.built(), reason="the C extension _vunit is not built")
@@ -34,7 +36,21 @@ class _Machine(SimpleNamespace):
     def __init__(self, pos0: int = 0):
         super().__init__(buf={}, pos0=pos0, vectors={}, tables=None, kv=None)
         self.rom = SimpleNamespace(value=lambda rid: self.vectors[rid])
-        self.sram = SimpleNamespace(lora={}, correction={}, read_kv=self._read_kv)
+        self.sram = SimpleNamespace(lora={}, correction={}, lora_codes={}, correction_codes={}, read_kv=self._read_kv)
+
+    def put_slot(self, slot: int, a: np.ndarray, b: np.ndarray, scaling: float, fmt: str, correction: bool = False):
+        """A LoRA slot as Sram holds it: A [rank, in] and B [out, rank] stored in ``fmt``, decoded and as codes."""
+        e = element_format(fmt)
+        self.sram.code_values, self.sram.code_bytes = lora_code_values(fmt), e.bytes
+        (a_bytes, a_scale), (b_bytes, b_scale) = encode_lora(a, fmt), encode_lora(b, fmt)
+        a_codes, b_codes = np.frombuffer(a_bytes, np.uint8), np.frombuffer(b_bytes, np.uint8)
+        a_dec, b_dec = decode_lora(a_codes, a.shape, fmt, a_scale), decode_lora(b_codes, b.shape, fmt, b_scale)
+        decoded, codes = ((self.sram.correction, self.sram.correction_codes) if correction
+                          else (self.sram.lora, self.sram.lora_codes))
+        decoded[slot] = (np.ascontiguousarray(a_dec.T), np.ascontiguousarray(b_dec.T), np.float32(scaling))
+        bt_codes = b_codes.reshape(*b.shape, e.bytes).transpose(1, 0, 2).reshape(b.shape[1], -1)
+        codes[slot] = (a_codes.reshape(a.shape[0], -1), a_scale if e.scaled else 1.0,
+                       np.ascontiguousarray(bt_codes), b_scale if e.scaled else 1.0)
 
     def rope_tables(self, rid, t):
         return self.tables[0][:t], self.tables[1][:t]
@@ -82,14 +98,15 @@ def test_rope(heads, hd, t):
 
 
 @pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("fmt", LORA_FORMATS)
 @pytest.mark.parametrize("flags", [0, FLAG_CORRECTION])
 @pytest.mark.parametrize("n_in,rank,n_out", [(576, 8, 576), (576, 8, 192), (1536, 16, 576), (200, 3, 136),
                                              (4096, 16, 14336)])
-def test_lora(n_in, rank, n_out, flags, t):
+def test_lora(n_in, rank, n_out, flags, fmt, t):
     rng = np.random.default_rng(n_in + rank + n_out + t + flags)
     m = _Machine()
-    slots = m.sram.correction if flags & FLAG_CORRECTION else m.sram.lora
-    slots[7] = (_normal(rng, n_in, rank, scale=0.05), _normal(rng, rank, n_out, scale=0.05), np.float32(2.0))
+    m.put_slot(7, _normal(rng, rank, n_in, scale=0.05), _normal(rng, n_out, rank, scale=0.05), 2.0, fmt,
+               correction=bool(flags & FLAG_CORRECTION))
     m.buf[X] = _normal(rng, t, n_in)
     m.buf[Z] = _normal(rng, t, n_out)
     want, got = _both(m, Instr(Opcode.LORA, dst=Z, src0=X, a=7, flags=flags))
@@ -126,7 +143,7 @@ def test_ops_blocks_of_positions_give_the_bits_of_one_block(monkeypatch):
     m.kv = _normal(rng, 1, 2, 2 + t, kv_heads * hd)
     m.buf[X] = _normal(rng, t, heads * hd)
     m.buf[Z] = _normal(rng, t, 40)
-    m.sram.lora[0] = (_normal(rng, heads * hd, 4), _normal(rng, 4, 40), np.float32(0.5))
+    m.put_slot(0, _normal(rng, 4, heads * hd), _normal(rng, 40, 4), 0.5, "fp8_e4m3")
     cases = [Instr(Opcode.ATTN, dst=Y, src0=X, a=heads, b=kv_heads), Instr(Opcode.LORA, dst=Z, src0=X, a=0)]
     inputs = dict(m.buf)
     whole = []
@@ -139,6 +156,14 @@ def test_ops_blocks_of_positions_give_the_bits_of_one_block(monkeypatch):
         m.buf = dict(inputs)
         ops.SEMANTICS[instr.op](m, instr)
         np.testing.assert_array_equal(_bits(m.buf[instr.dst]), _bits(want))
+
+
+def test_fp8_codes_convert_to_the_codec_values():
+    want = lora_code_values("fp8_e4m3")
+    got = np.array(vu._vunit.fp8_values(), np.float32)
+    nan = np.isnan(want)
+    assert nan.sum() == 2 and np.array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(_bits(got[~nan]), _bits(want[~nan]))
 
 
 def test_bad_buffers_are_refused():

@@ -59,6 +59,15 @@ def decode_lora(data: np.ndarray, shape: tuple[int, int], fmt: str, scale: float
     return data[: e.bytes * n].view(np.dtype(e.dtype).newbyteorder("<")).astype(f32).reshape(shape)
 
 
+def lora_code_values(fmt: str) -> np.ndarray:
+    """The float32 value of every code of a LoRA format, before its scale (index: the code's little-endian
+    integer): what :func:`decode_lora` gives a code, so that ``values[code] * scale`` decodes it (× 1.0, exact,
+    for an unscaled format)."""
+    e = element_format(fmt)
+    codes = np.arange(1 << (8 * e.bytes), dtype=np.dtype(f"<u{e.bytes}"))
+    return np.ascontiguousarray(codes.view(np.dtype(e.dtype).newbyteorder("<")).astype(f32))
+
+
 def lora_roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
     """A LoRA matrix as it reads back from SRAM in the given precision."""
     x = np.asarray(x, np.float32)

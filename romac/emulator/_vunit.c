@@ -89,6 +89,18 @@ static float *floats(views *v, PyObject *obj, Py_ssize_t count, int writable, co
     return (float *)b->buf;
 }
 
+/* a C-contiguous buffer of at least `count` bytes, or NULL with an exception */
+static const uint8_t *bytes_of(views *v, PyObject *obj, Py_ssize_t count, const char *name) {
+    Py_buffer *b = &v->view[v->n];
+    if (PyObject_GetBuffer(obj, b, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    v->n++;
+    if (b->len < count) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, %zd are needed", name, b->len, count);
+        return NULL;
+    }
+    return (const uint8_t *)b->buf;
+}
+
 static int sizes(PyObject *const *args, Py_ssize_t first, Py_ssize_t n, Py_ssize_t *out) {
     for (Py_ssize_t i = 0; i < n; i++) {
         out[i] = PyLong_AsSsize_t(args[first + i]);
@@ -170,23 +182,68 @@ static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
-/* ---- LORA: y = dst + ((x @ A^T) @ B^T) * scaling ---- */
+/* ---- LORA: y = dst + ((x @ A^T) @ B^T) * scaling, from A's and B's codes as they lie in SRAM ---- */
+
+/* The value of an FP8 E4M3 (fn) code, exactly: a normal code's exponent and mantissa bits placed where a float32's
+ * are, its exponent rebased by 127 - 7 (integer arithmetic: no subnormal float is formed, which would cost a
+ * microcode assist on some CPUs); a subnormal code is m 2^-9; 0x7f is NaN. Arithmetic rather than a table, so that
+ * a vector unit converts a vector of codes at once; tests/test_vunit.py holds it to
+ * romac.codecs.elements.lora_code_values for all 256 codes. */
+static inline float fp8_e4m3_value(uint8_t c) {
+    const uint32_t em = c & 0x7f, sign = (uint32_t)(c & 0x80) << 24;
+    uint32_t bits = sign | ((em << 20) + ((uint32_t)(127 - 7) << 23));
+    float normal;
+    memcpy(&normal, &bits, sizeof normal);
+    float subnormal = (float)em * 0x1p-9f;
+    subnormal = sign ? -subnormal : subnormal;
+    float value = em < 8 ? subnormal : normal;
+    return em == 0x7f ? NAN : value;
+}
+
+/* t[i] = x[i] * (value of code i * scale) for n codes of `width` bytes: FP8 E4M3 (1 byte) or a 2-byte code's
+ * value from the table (little-endian) */
+VUNIT_FAST static void code_terms(float *restrict t, const float *restrict x, const uint8_t *restrict codes,
+                                  int width, const float *restrict values, float scale, Py_ssize_t n) {
+    if (width == 1)
+        for (Py_ssize_t i = 0; i < n; i++) t[i] = x[i] * (fp8_e4m3_value(codes[i]) * scale);
+    else
+        for (Py_ssize_t i = 0; i < n; i++)
+            t[i] = x[i] * (values[(uint32_t)codes[2 * i] | (uint32_t)codes[2 * i + 1] << 8] * scale);
+}
+
+/* t[i] = h * (value of code i * scale): one row of B^T's terms, h the same for all */
+VUNIT_FAST static void code_terms_of(float *restrict t, float h, const uint8_t *restrict codes, int width,
+                                     const float *restrict values, float scale, Py_ssize_t n) {
+    if (width == 1)
+        for (Py_ssize_t i = 0; i < n; i++) t[i] = h * (fp8_e4m3_value(codes[i]) * scale);
+    else
+        for (Py_ssize_t i = 0; i < n; i++)
+            t[i] = h * (values[(uint32_t)codes[2 * i] | (uint32_t)codes[2 * i + 1] << 8] * scale);
+}
 
 static PyObject *lora(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    /* lora(x, a_t [in, rank], b_t [rank, out], scaling, dst, y, positions, in, rank, out) */
+    /* lora(x, a_codes [rank, in], a_scale, bt_codes [rank, out], b_scale, values, code_bytes, scaling, dst, y,
+     *      positions, in, rank, out); bt_codes: B's codes transposed (B is [out, rank] in SRAM) */
     Py_ssize_t sz[4];
-    if (nargs_is(nargs, 10, "lora") < 0 || sizes(args, 6, 4, sz) < 0) return NULL;
+    if (nargs_is(nargs, 14, "lora") < 0 || sizes(args, 10, 4, sz) < 0) return NULL;
     Py_ssize_t t = sz[0], in = sz[1], rank = sz[2], out = sz[3];
-    float scaling = (float)PyFloat_AsDouble(args[3]);
+    float a_scale = (float)PyFloat_AsDouble(args[2]), b_scale = (float)PyFloat_AsDouble(args[4]);
+    float scaling = (float)PyFloat_AsDouble(args[7]);
+    long width = PyLong_AsLong(args[6]);
     if (PyErr_Occurred()) return NULL;
+    if (width != 1 && width != 2) {
+        PyErr_SetString(PyExc_ValueError, "codes of 1 or 2 bytes");
+        return NULL;
+    }
     views v = {.n = 0};
     const float *x = floats(&v, args[0], t * in, 0, "x");
-    const float *a = x ? floats(&v, args[1], in * rank, 0, "a_t") : NULL;
-    const float *b = a ? floats(&v, args[2], rank * out, 0, "b_t") : NULL;
-    const float *dst = b ? floats(&v, args[4], t * out, 0, "dst") : NULL;
-    float *y = dst ? floats(&v, args[5], t * out, 1, "y") : NULL;
-    /* the terms of one position's sums: [in][rank], then [rank][out] */
-    Py_ssize_t terms = in * rank > rank * out ? in * rank : rank * out;
+    const uint8_t *a = x ? bytes_of(&v, args[1], rank * in * width, "a_codes") : NULL;
+    const uint8_t *b = a ? bytes_of(&v, args[3], out * rank * width, "bt_codes") : NULL;
+    const float *values = b ? floats(&v, args[5], (Py_ssize_t)1 << (8 * width), 0, "values") : NULL;
+    const float *dst = values ? floats(&v, args[8], t * out, 0, "dst") : NULL;
+    float *y = dst ? floats(&v, args[9], t * out, 1, "y") : NULL;
+    /* the terms of one position's sums: [in] (one of A's rows), then [rank][out] */
+    Py_ssize_t terms = in > rank * out ? in : rank * out;
     float *buf = y ? malloc((size_t)(terms + rank + 1) * sizeof(float)) : NULL;
     if (y && !buf) PyErr_NoMemory();
     if (!buf) {
@@ -196,10 +253,13 @@ static PyObject *lora(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     float *h = buf + terms;
     for (Py_ssize_t p = 0; p < t; p++) {
         const float *xp = x + p * in;
-        scaled_rows(buf, xp, a, in, rank, rank);
-        tree_rows(buf, in, rank);
-        memcpy(h, buf, (size_t)rank * sizeof(float));
-        scaled_rows(buf, h, b, rank, out, out);
+        for (Py_ssize_t r = 0; r < rank; r++) {
+            code_terms(buf, xp, a + r * in * width, (int)width, values, a_scale, in);
+            tree_rows(buf, in, 1);
+            h[r] = buf[0];
+        }
+        for (Py_ssize_t r = 0; r < rank; r++)
+            code_terms_of(buf + r * out, h[r], b + r * out * width, (int)width, values, b_scale, out);
         tree_rows(buf, rank, out);
         const float *dp = dst + p * out;
         float *yp = y + p * out;
@@ -265,13 +325,21 @@ static PyObject *attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+static PyObject *fp8_values(PyObject *self, PyObject *noargs) {
+    PyObject *out = PyList_New(256);
+    for (int c = 0; out && c < 256; c++) PyList_SET_ITEM(out, c, PyFloat_FromDouble(fp8_e4m3_value((uint8_t)c)));
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"fp8_values", fp8_values, METH_NOARGS, "the value the kernel gives each FP8 E4M3 code (256 floats)"},
     {"rmsnorm", (PyCFunction)(void (*)(void))rmsnorm, METH_FASTCALL,
      "rmsnorm(x, w, eps, y, positions, n): RMSNORM of romac.emulator.ops into y"},
     {"rope", (PyCFunction)(void (*)(void))rope, METH_FASTCALL,
      "rope(x, cos, sin, y, positions, heads, head_dim): ROPE of romac.emulator.ops into y"},
     {"lora", (PyCFunction)(void (*)(void))lora, METH_FASTCALL,
-     "lora(x, a_t, b_t, scaling, dst, y, positions, in, rank, out): LORA of romac.emulator.ops into y"},
+     "lora(x, a_codes, a_scale, b_codes, b_scale, values, code_bytes, scaling, dst, y, positions, in, rank, out): "
+     "LORA of romac.emulator.ops into y, from the slot's codes in SRAM (B's transposed)"},
     {"attn", (PyCFunction)(void (*)(void))attn, METH_FASTCALL,
      "attn(q, k, v, y, positions, pos0, heads, kv_heads, head_dim): ATTN of romac.emulator.ops into y"},
     {NULL, NULL, 0, NULL},

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from romac.codecs.elements import decode_lora, kv_saturate
+from romac.codecs.elements import decode_lora, kv_saturate, lora_code_values
 from romac.errors import RomacError
 from romac.spec.formats import element_format
 from romac.spec.layout import SLOT_ENTRY_BYTES, SLOT_ENTRY_FORMAT
 from romac.spec.manifest import SRAM_CORRECTION, Manifest, sram_file
 from romac.spec.plan import AdapterLayout
+
+
+def _transposed_codes(codes: np.ndarray, rows: int, cols: int, width: int) -> np.ndarray:
+    """The bytes of a [rows, cols] matrix of ``width``-byte codes, in the order of its transpose: [cols, rows * width]."""
+    return np.ascontiguousarray(codes.reshape(rows, cols, width).transpose(1, 0, 2)).reshape(cols, rows * width)
 
 
 class Sram:
@@ -40,18 +45,26 @@ class Sram:
         self._kv_f32 = self.kv if self.kv.dtype == np.float32 else np.zeros(self.kv.shape, np.float32)
         self.adapter: str | None = None
         self.lora: dict[int, tuple[np.ndarray, np.ndarray, np.float32]] = {}
+        # The same slots as they lie in SRAM, for the native kernel (romac.emulator.vector_unit), which computes
+        # from the codes: slot -> (A codes [rank, in], A's scale, B's codes transposed [rank, out], B's scale), the
+        # codes as bytes (B's copied into the order of its rows of B^T); a code's value is code_values[code] * scale.
+        self.lora_codes: dict[int, tuple[np.ndarray, float, np.ndarray, float]] = {}
+        self.correction_codes: dict[int, tuple[np.ndarray, float, np.ndarray, float]] = {}
+        self.code_values = lora_code_values(self.map.lora_format)
+        self.code_bytes = element_format(self.map.lora_format).bytes
         # the base's low-rank correction: loaded once, at address 0, resident whatever the adapter
         self.correction: dict[int, tuple[np.ndarray, np.ndarray, np.float32]] = {}
         if self.map.correction is not None:
-            self.correction = self._load_image(SRAM_CORRECTION, 0, self.map.correction)
+            self.correction, self.correction_codes = self._load_image(SRAM_CORRECTION, 0, self.map.correction)
 
-    def _load_image(self, rel: str, offset: int, layout: AdapterLayout) -> dict:
+    def _load_image(self, rel: str, offset: int, layout: AdapterLayout) -> tuple[dict, dict]:
         """Copy an SRAM image (slot table, then A and B per slot) to ``offset`` and read its slots: slot ->
-        (A^T, B^T, scaling), decoded from the bytes now in SRAM."""
+        (A^T, B^T, scaling), decoded from the bytes now in SRAM, and slot -> their codes (``lora_codes``)."""
         image = np.fromfile(self.root / rel, dtype=np.uint8)
         self.bytes[offset : offset + image.size] = image
         fmt = self.map.lora_format
-        slots = {}
+        width, scaled = element_format(fmt).bytes, element_format(fmt).scaled
+        slots, codes = {}, {}
         for e in layout.entries:
             a_scale, b_scale, scaling, stored_rank = struct.unpack_from(SLOT_ENTRY_FORMAT, self.bytes,
                                                                         offset + e.slot * SLOT_ENTRY_BYTES)
@@ -60,11 +73,17 @@ class Sram:
             a = decode_lora(self.bytes[offset + e.a_offset:], (e.rank, e.in_features), fmt, a_scale)
             b = decode_lora(self.bytes[offset + e.b_offset:], (e.out_features, e.rank), fmt, b_scale)
             slots[e.slot] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), np.float32(scaling))
-        return slots
+            a_at, b_at = offset + e.a_offset, offset + e.b_offset
+            codes[e.slot] = (self.bytes[a_at : a_at + e.rank * e.in_features * width].reshape(e.rank, -1),
+                             a_scale if scaled else 1.0,
+                             _transposed_codes(self.bytes[b_at : b_at + e.out_features * e.rank * width],
+                                               e.out_features, e.rank, width),
+                             b_scale if scaled else 1.0)
+        return slots, codes
 
     def load_adapter(self, name: str | None) -> None:
         """Make one adapter resident (its image copied into the adapter region), or none."""
-        self.lora = {}
+        self.lora, self.lora_codes = {}, {}
         self.adapter = name
         start = self.map.adapter_region_offset
         self.bytes[start : start + self.map.adapter_region_bytes] = 0
@@ -77,7 +96,7 @@ class Sram:
                 where="--adapter",
                 hint=f"compiled adapters: {', '.join(a.name for a in self.map.adapters) or 'none'}",
             )
-        self.lora = self._load_image(sram_file(name), start, layout)
+        self.lora, self.lora_codes = self._load_image(sram_file(name), start, layout)
 
     def store_kv(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
         end = pos0 + k.shape[0]

@@ -38,13 +38,17 @@ def rope(m, i: Instr) -> None:
 
 
 def lora(m, i: Instr) -> None:
-    ab = (m.sram.correction if i.flags & FLAG_CORRECTION else m.sram.lora).get(i.a)
-    if ab is None:
+    sram = m.sram
+    codes = (sram.correction_codes if i.flags & FLAG_CORRECTION else sram.lora_codes).get(i.a)
+    if codes is None:
         return
-    a_t, b_t, scaling = ab
+    a, a_scale, b, b_scale = codes
+    scaling = (sram.correction if i.flags & FLAG_CORRECTION else sram.lora)[i.a][2]
     x, dst = m.buf[i.src0], m.buf[i.dst]
     y = np.empty_like(dst)
-    _vunit.lora(x, a_t, b_t, float(scaling), dst, y, x.shape[0], a_t.shape[0], a_t.shape[1], b_t.shape[1])
+    rank, out = b.shape[0], b.shape[1] // sram.code_bytes
+    _vunit.lora(x, a, a_scale, b, b_scale, sram.code_values, sram.code_bytes, float(scaling), dst, y, x.shape[0],
+                x.shape[1], rank, out)
     m.buf[i.dst] = y
 
 
