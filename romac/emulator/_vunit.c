@@ -49,15 +49,32 @@ VUNIT_FAST static void scaled_rows(float *restrict t, const float *restrict x, c
     }
 }
 
-/* One head's scores q . k_j for the positions j < seen (rows of k kv_dim apart), each a tree over hd: the terms
- * laid out [hd][seen], so that the tree runs over all positions at once. The scores end in terms[0 .. seen). */
-VUNIT_FAST static void head_scores(float *restrict terms, const float *restrict q, const float *restrict k,
-                                   Py_ssize_t kv_dim, Py_ssize_t seen, Py_ssize_t hd) {
-    for (Py_ssize_t j = 0; j < seen; j++) {
-        const float *kj = k + j * kv_dim;
-        for (Py_ssize_t d = 0; d < hd; d++) terms[d * seen + j] = q[d] * kj[d];
+/* q . k as the tree of tree_rows over its hd terms, for a power-of-two hd known to the compiler (then each level
+ * is a few whole vectors, with no loop set-up) */
+static inline float dot_tree_pow2(const float *restrict q, const float *restrict k, float *restrict prod,
+                                  const Py_ssize_t hd) {
+    for (Py_ssize_t d = 0; d < hd; d++) prod[d] = q[d] * k[d];
+    for (Py_ssize_t h = hd / 2; h >= 1; h /= 2)
+        for (Py_ssize_t i = 0; i < h; i++) prod[i] += prod[i + h];
+    return prod[0];
+}
+
+/* One head's scores q . k_j for the positions j < seen (rows of k kv_dim apart), each a tree over its hd terms
+ * (scratch: hd floats), into score[0 .. seen) */
+VUNIT_FAST static void head_scores(float *restrict score, float *restrict prod, const float *restrict q,
+                                   const float *restrict k, Py_ssize_t kv_dim, Py_ssize_t seen, Py_ssize_t hd) {
+    if (hd == 64) {
+        for (Py_ssize_t j = 0; j < seen; j++) score[j] = dot_tree_pow2(q, k + j * kv_dim, prod, 64);
+    } else if (hd == 128) {
+        for (Py_ssize_t j = 0; j < seen; j++) score[j] = dot_tree_pow2(q, k + j * kv_dim, prod, 128);
+    } else {
+        for (Py_ssize_t j = 0; j < seen; j++) {
+            const float *kj = k + j * kv_dim;
+            for (Py_ssize_t d = 0; d < hd; d++) prod[d] = q[d] * kj[d];
+            tree_rows(prod, hd, 1);
+            score[j] = prod[0];
+        }
     }
-    tree_rows(terms, hd, seen);
 }
 
 /* ---- argument handling: float32 C-contiguous buffers of known sizes ---- */
@@ -288,7 +305,7 @@ static PyObject *attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *k = q ? floats(&v, args[1], end * kv_dim, 0, "k") : NULL;
     const float *vv = k ? floats(&v, args[2], end * kv_dim, 0, "v") : NULL;
     float *y = vv ? floats(&v, args[3], t * heads * hd, 1, "y") : NULL;
-    /* one head's scores [end], and the terms of its sums: [hd][end] (its scores), [end][hd] (its output) */
+    /* one head's scores [end], and the terms of its sums: [hd] (a score), [end] (softmax's), [end][hd] (its output) */
     float *scratch = y ? malloc((size_t)(end + end * hd) * sizeof(float)) : NULL;
     if (y && !scratch) PyErr_NoMemory();
     if (!scratch) {
@@ -302,12 +319,11 @@ static PyObject *attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         for (Py_ssize_t h = 0; h < heads; h++) {
             Py_ssize_t c = h / group;
             const float *qh = q + (p * heads + h) * hd;
-            head_scores(terms, qh, k + c * hd, kv_dim, seen, hd);
+            head_scores(score, terms, qh, k + c * hd, kv_dim, seen, hd);
             float top = -INFINITY;
             for (Py_ssize_t j = 0; j < seen; j++) {
-                float s = terms[j] * scale;
-                score[j] = s;
-                if (s > top) top = s;
+                score[j] *= scale;
+                if (score[j] > top) top = score[j];
             }
             for (Py_ssize_t j = 0; j < seen; j++) score[j] = (float)exp((double)(score[j] - top));
             for (Py_ssize_t j = seen; j < end; j++) score[j] = 0.0f; /* exp(-inf) */

@@ -8,6 +8,7 @@ instructions (EMBED, MATVEC, KVSTORE, SWIGLU, ADD) already cost one or two calls
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
@@ -19,12 +20,14 @@ from romac.spec.isa import FLAG_CORRECTION, Instr, Opcode, bits_f32
 # A compiled module, not one of the package's Python modules, so it is looked up rather than imported by name.
 _VUNIT = "romac.emulator._vunit"
 _vunit = importlib.import_module(_VUNIT) if importlib.util.find_spec(_VUNIT) is not None else None
+# an instruction's float32 operand from its bits: a handful of distinct values (the norms' eps), each converted once
+_f32_operand = functools.lru_cache(maxsize=256)(bits_f32)
 
 
 def rmsnorm(m, i: Instr) -> None:
     x = m.buf[i.src0]
     y = np.empty_like(x)
-    _vunit.rmsnorm(x, m.rom.value(i.a), bits_f32(i.b), y, x.shape[0], x.shape[1])
+    _vunit.rmsnorm(x, m.rom.value(i.a), _f32_operand(i.b), y, x.shape[0], x.shape[1])
     m.buf[i.dst] = y
 
 
