@@ -97,7 +97,7 @@ def test_rope(heads, hd, t):
     np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
-@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("t", [1, 5, 40])  # 40: past a block of the C kernel's prefill (LORA_BLOCK, 32)
 @pytest.mark.parametrize("fmt", LORA_FORMATS)
 @pytest.mark.parametrize("flags", [0, FLAG_CORRECTION])
 @pytest.mark.parametrize("n_in,rank,n_out", [(576, 8, 576), (576, 8, 192), (1536, 16, 576), (200, 3, 136),

@@ -238,6 +238,54 @@ VUNIT_FAST static void code_terms_of(float *restrict t, float h, const uint8_t *
             t[i] = h * (values[(uint32_t)codes[2 * i] | (uint32_t)codes[2 * i + 1] << 8] * scale);
 }
 
+#define LORA_BLOCK 32 /* positions of a prefill whose A sums are computed together */
+
+/* w[i] = value of code i * scale: a matrix's weights, decoded once for all the positions of a prefill */
+VUNIT_FAST static void decode_codes(float *restrict w, const uint8_t *restrict codes, int width,
+                                    const float *restrict values, float scale, Py_ssize_t n) {
+    if (width == 1)
+        for (Py_ssize_t i = 0; i < n; i++) w[i] = fp8_e4m3_value(codes[i]) * scale;
+    else
+        for (Py_ssize_t i = 0; i < n; i++) w[i] = values[(uint32_t)codes[2 * i] | (uint32_t)codes[2 * i + 1] << 8] * scale;
+}
+
+/* t[i][p] = xt[i][p] * w[i]: the terms of t sums over i (one per position p), xt the positions' inputs transposed */
+VUNIT_FAST static void column_terms(float *restrict t, const float *restrict xt, const float *restrict w,
+                                    Py_ssize_t n, Py_ssize_t t_count) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float wi = w[i], *xi = xt + i * t_count;
+        float *ti = t + i * t_count;
+        for (Py_ssize_t p = 0; p < t_count; p++) ti[p] = xi[p] * wi;
+    }
+}
+
+/* t[i] = h * w[i] */
+VUNIT_FAST static void scaled_copy(float *restrict t, float h, const float *restrict w, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) t[i] = h * w[i];
+}
+
+/* A prefill's LORA: A and B^T decoded once, then A's sums for all positions at once (a tree over in of
+ * [in][positions] terms), then B's per position; the same trees, so the same bits, as one position at a time.
+ * h: [positions][rank]; scratch: in * positions floats at least, and rank * out. */
+static void lora_positions(const float *x, const float *wa, const float *wbt, float scaling, const float *dst,
+                           float *y, float *h, float *xt, float *terms, Py_ssize_t t, Py_ssize_t in, Py_ssize_t rank,
+                           Py_ssize_t out) {
+    for (Py_ssize_t p = 0; p < t; p++)
+        for (Py_ssize_t i = 0; i < in; i++) xt[i * t + p] = x[p * in + i];
+    for (Py_ssize_t r = 0; r < rank; r++) {
+        column_terms(terms, xt, wa + r * in, in, t);
+        tree_rows(terms, in, t);
+        for (Py_ssize_t p = 0; p < t; p++) h[p * rank + r] = terms[p];
+    }
+    for (Py_ssize_t p = 0; p < t; p++) {
+        for (Py_ssize_t r = 0; r < rank; r++) scaled_copy(terms + r * out, h[p * rank + r], wbt + r * out, out);
+        tree_rows(terms, rank, out);
+        const float *dp = dst + p * out;
+        float *yp = y + p * out;
+        for (Py_ssize_t j = 0; j < out; j++) yp[j] = terms[j] * scaling + dp[j];
+    }
+}
+
 static PyObject *lora(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     /* lora(x, a_codes [rank, in], a_scale, bt_codes [rank, out], b_scale, values, code_bytes, scaling, dst, y,
      *      positions, in, rank, out); bt_codes: B's codes transposed (B is [out, rank] in SRAM) */
@@ -259,29 +307,48 @@ static PyObject *lora(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *values = b ? floats(&v, args[5], (Py_ssize_t)1 << (8 * width), 0, "values") : NULL;
     const float *dst = values ? floats(&v, args[8], t * out, 0, "dst") : NULL;
     float *y = dst ? floats(&v, args[9], t * out, 1, "y") : NULL;
-    /* the terms of one position's sums: [in] (one of A's rows), then [rank][out] */
-    Py_ssize_t terms = in > rank * out ? in : rank * out;
-    float *buf = y ? malloc((size_t)(terms + rank + 1) * sizeof(float)) : NULL;
-    if (y && !buf) PyErr_NoMemory();
-    if (!buf) {
+    if (!y) {
         release(&v);
         return NULL;
     }
-    float *h = buf + terms;
-    for (Py_ssize_t p = 0; p < t; p++) {
-        const float *xp = x + p * in;
-        for (Py_ssize_t r = 0; r < rank; r++) {
-            code_terms(buf, xp, a + r * in * width, (int)width, values, a_scale, in);
-            tree_rows(buf, in, 1);
-            h[r] = buf[0];
+    if (t > 1) {
+        /* decoded A [rank][in] and B^T [rank][out], then for a block of positions: h, their inputs transposed,
+         * the terms */
+        Py_ssize_t block = t < LORA_BLOCK ? t : LORA_BLOCK;
+        Py_ssize_t terms = in * block > rank * out ? in * block : rank * out;
+        float *buf = malloc((size_t)(rank * in + rank * out + block * rank + in * block + terms) * sizeof(float));
+        if (!buf) {
+            release(&v);
+            return PyErr_NoMemory();
         }
-        for (Py_ssize_t r = 0; r < rank; r++)
-            code_terms_of(buf + r * out, h[r], b + r * out * width, (int)width, values, b_scale, out);
-        tree_rows(buf, rank, out);
-        const float *dp = dst + p * out;
-        float *yp = y + p * out;
-        for (Py_ssize_t j = 0; j < out; j++) yp[j] = buf[j] * scaling + dp[j];
+        float *wa = buf, *wbt = wa + rank * in, *h = wbt + rank * out, *xt = h + block * rank, *tm = xt + in * block;
+        decode_codes(wa, a, (int)width, values, a_scale, rank * in);
+        decode_codes(wbt, b, (int)width, values, b_scale, rank * out);
+        for (Py_ssize_t p0 = 0; p0 < t; p0 += block) {
+            Py_ssize_t n = t - p0 < block ? t - p0 : block;
+            lora_positions(x + p0 * in, wa, wbt, scaling, dst + p0 * out, y + p0 * out, h, xt, tm, n, in, rank, out);
+        }
+        free(buf);
+        release(&v);
+        Py_RETURN_NONE;
     }
+    /* one position: each weight decoded where it is used. The terms: [in] (one of A's rows), then [rank][out] */
+    Py_ssize_t terms = in > rank * out ? in : rank * out;
+    float *buf = malloc((size_t)(terms + rank + 1) * sizeof(float));
+    if (!buf) {
+        release(&v);
+        return PyErr_NoMemory();
+    }
+    float *h = buf + terms;
+    for (Py_ssize_t r = 0; r < rank; r++) {
+        code_terms(buf, x, a + r * in * width, (int)width, values, a_scale, in);
+        tree_rows(buf, in, 1);
+        h[r] = buf[0];
+    }
+    for (Py_ssize_t r = 0; r < rank; r++)
+        code_terms_of(buf + r * out, h[r], b + r * out * width, (int)width, values, b_scale, out);
+    tree_rows(buf, rank, out);
+    for (Py_ssize_t j = 0; j < out; j++) y[j] = buf[j] * scaling + dst[j];
     free(buf);
     release(&v);
     Py_RETURN_NONE;
