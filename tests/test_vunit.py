@@ -2,10 +2,12 @@
 their definitions in romac.emulator.ops: bit for bit the same outputs for RMSNORM (rows shorter than numpy's
 pairwise block, one block, and split into halves), ROPE, LORA (the adapter's and the correction's slots) and ATTN
 (grouped-query heads, a prefill's causal mask, contexts past the pairwise block), for one position and for several;
-and ops.py's own handlers computing a long prefill a block of positions at a time give the bits of one block."""
+ops.py's own handlers computing a long prefill a block of positions at a time give the bits of one block; and a
+LORA computed by the product kernel beside its MATVEC gives the bits of the two instructions."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,8 +16,14 @@ import pytest
 import romac.emulator.ops as ops
 import romac.emulator.vector_unit as vu
 from romac.codecs.elements import decode_lora, encode_lora, lora_code_values
+from romac.driver import compile_model
+from romac.emulator import Machine
+from romac.ir import PROJECTIONS, projection_tensor
+from romac.passes import CompileOptions
 from romac.spec.formats import LORA_FORMATS, element_format
 from romac.spec.isa import FLAG_CORRECTION, Instr, Opcode, f32_bits
+from tests.conftest import small_config, small_model
+from tests.test_correction import correction_for
 
 pytestmark = pytest.mark.skipif(not vu.built(), reason="the C extension _vunit is not built")
 
@@ -173,3 +181,27 @@ def test_bad_buffers_are_refused():
     with pytest.raises(ValueError, match="needed"):
         vu._vunit.rmsnorm(np.zeros((2, 8), np.float32), np.ones(4, np.float32), 1e-5,
                           np.empty((2, 8), np.float32), 2, 8)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("adapter", [None, "ad0"])
+def test_a_lora_beside_its_product_gives_the_bits_of_the_two_instructions(tmp_path, adapter, threads):
+    """A whole model with a correction and an adapter (MATVEC, LORA corr, LORA): the native kernel computes each
+    MATVEC's first LORA beside the product; the logits equal those of every instruction on its own, on one thread
+    and on two, in a prefill and in decode steps."""
+    config = small_config()
+    ranks = {projection_tensor(layer, p): 2 + layer for layer in range(config.num_layers) for p in PROJECTIONS}
+    model = dataclasses.replace(small_model(config, adapters=1), correction=correction_for(config, ranks))
+    compile_model(model, tmp_path / "out", None, CompileOptions(quant="int4"))
+    fused = Machine(tmp_path / "out", adapter=adapter, threads=threads)
+    alone = Machine(tmp_path / "out", adapter=adapter, threads=threads)
+    alone._handlers = [(vu.NATIVE_SEMANTICS[i.op], i) for i in alone.program if i.op != Opcode.HALT]
+    n_matvec = sum(i.op == Opcode.MATVEC for i in fused.program)
+    assert len(alone._handlers) - len(fused._handlers) == n_matvec - 1  # all but the head's
+    for m in (fused, alone):
+        m.parallel_weights = 0  # every product on the threads
+    prompt = [3, 14, 15, 92, 65]
+    got_new, got = fused.generate(prompt, 4)
+    want_new, want = alone.generate(prompt, 4)
+    assert got_new == want_new
+    np.testing.assert_array_equal(_bits(got), _bits(want))

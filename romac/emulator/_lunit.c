@@ -24,6 +24,7 @@
 #include <math.h>
 
 #include "_lunit_pool.h"
+#include "_vunit_sums.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LUNIT_X86 1
@@ -591,7 +592,20 @@ static PyObject *fail(const char *what) {
     return NULL;
 }
 
-/* One product, cut into chunks of whole output rows for lunit_run (which thread computes a row never changes it). */
+/* The LORA that follows a product, computed beside it: ds[t][out] = its sums (_vunit_sums.h) times the scaling,
+ * which the caller adds to the product (y + ds: the one addition of ops.lora). */
+typedef struct {
+    const float *x;
+    const uint8_t *a, *bt;
+    const float *values;
+    float a_scale, b_scale, scaling;
+    int width, failed;
+    Py_ssize_t rank;
+    float *ds;
+} lora_job;
+
+/* One product, cut into chunks of whole output rows for lunit_run (which thread computes a row never changes it);
+ * with a LORA beside it, chunk 0 is the LORA (the caller claims it first, while a helper starts on the rows). */
 typedef struct {
     const geometry *g;
     const uint8_t *const *tiles;
@@ -601,6 +615,7 @@ typedef struct {
     row_fn row;
     tile_fn tile_rows;  /* one position, a row tile's rows at a time (else: row by row) */
     int64_t chunk_rows, chunks_a_tile;
+    lora_job *lora;
 } product;
 
 /* Rows a chunk: all of them on one thread; else CHUNK_ROWS, or one row tile where the kernel goes tile by tile and
@@ -619,9 +634,27 @@ static int64_t chunks(product *p, int64_t threads) {
     return (g->rows + rows - 1) / rows;
 }
 
+static void compute_lora(const product *p) {
+    lora_job *l = p->lora;
+    const geometry *g = p->g;
+    if (lora_sums(l->x, l->a, l->a_scale, l->bt, l->b_scale, l->values, l->width, p->n_t, g->cols, l->rank, g->rows,
+                  l->ds)) {
+        l->failed = 1;
+        return;
+    }
+    for (int64_t k = 0; k < p->n_t * g->rows; k++) l->ds[k] *= l->scaling;
+}
+
 static void compute_chunk(const void *job, int64_t c, void *scratch) {
     const product *p = job;
     const geometry *g = p->g;
+    if (p->lora) {
+        if (c == 0) {
+            compute_lora(p);
+            return;
+        }
+        c--;
+    }
     group *gr = scratch;
     float *acc = (float *)(((uintptr_t)(gr + g->n_groups) + 63) & ~(uintptr_t)63);  /* on a 64-byte line */
     if (p->tile_rows) {
@@ -636,13 +669,15 @@ static void compute_chunk(const void *job, int64_t c, void *scratch) {
 }
 
 /* matmul_affine(tiles, ct, rows, cols, tr, tc, bits, per, lanes, f0bits, f1bits, n_groups, lane_cols, x, y,
- *               threads, width): y[T, rows] = x[T, cols] @ dequant(W)^T on up to `threads` threads, with the
- *               kernel of `width` lanes (0: the widest).
+ *               threads, width[, a_codes, a_scale, bt_codes, b_scale, values, code_bytes, scaling, rank, ds]):
+ *               y[T, rows] = x[T, cols] @ dequant(W)^T on up to `threads` threads, with the kernel of `width` lanes
+ *               (0: the widest); with the LORA arguments (those of _vunit.lora) also ds[T, rows] = that LORA's
+ *               ((x @ A^T) @ B^T) * scaling, on whichever thread is free.
  * tiles: int64 [row tiles * ct], the address of each tile's first byte (the caller keeps the maps alive);
  * lane_cols: int64 [n_groups * lanes], the column of each lane (-1 past the row's end). */
 static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 17) return fail("matmul_affine takes 17 arguments");
+    if (nargs != 17 && nargs != 26) return fail("matmul_affine takes 17 arguments, or 26 with a LORA");
     geometry g;
     int64_t *fields[] = {&g.ct, &g.rows, &g.cols, &g.tr, &g.tc, &g.bits, &g.per, &g.lanes, &g.f0bits, &g.f1bits,
                          &g.n_groups};
@@ -655,7 +690,8 @@ static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t
         g.ct > MAX_TILES)
         return fail("matmul_affine: a geometry this kernel does not compute (the numba kernel does)");
 
-    Py_buffer tb = {0}, lb = {0}, xb = {0}, yb = {0};
+    Py_buffer tb = {0}, lb = {0}, xb = {0}, yb = {0}, ab = {0}, bb = {0}, vb = {0}, db = {0};
+    lora_job lora = {0};
     PyObject *result = NULL;
     if (PyObject_GetBuffer(args[0], &tb, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (PyObject_GetBuffer(args[12], &lb, PyBUF_C_CONTIGUOUS) < 0) goto done;
@@ -667,6 +703,29 @@ static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t
         xb.len != (Py_ssize_t)(n_t * g.cols * 4) || yb.len != (Py_ssize_t)(n_t * g.rows * 4)) {
         fail("matmul_affine: buffer sizes do not match the geometry");
         goto done;
+    }
+    if (nargs == 26) {
+        int64_t code_bytes, rank;
+        lora.a_scale = (float)PyFloat_AsDouble(args[18]);
+        lora.b_scale = (float)PyFloat_AsDouble(args[20]);
+        lora.scaling = (float)PyFloat_AsDouble(args[23]);
+        if (PyErr_Occurred() || !get_i64(args[22], &code_bytes) || !get_i64(args[24], &rank)) goto done;
+        if ((code_bytes != 1 && code_bytes != 2) || rank < 1) {
+            fail("matmul_affine: LORA codes of 1 or 2 bytes, rank at least 1");
+            goto done;
+        }
+        if (PyObject_GetBuffer(args[17], &ab, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (PyObject_GetBuffer(args[19], &bb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (PyObject_GetBuffer(args[21], &vb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (PyObject_GetBuffer(args[25], &db, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+        if (ab.len != (Py_ssize_t)(rank * g.cols * code_bytes) || bb.len != (Py_ssize_t)(rank * g.rows * code_bytes) ||
+            vb.len != (Py_ssize_t)(((int64_t)1 << (8 * code_bytes)) * 4) || db.len != yb.len) {
+            fail("matmul_affine: LORA buffer sizes do not match the geometry");
+            goto done;
+        }
+        lora.x = (const float *)xb.buf;
+        lora.a = ab.buf, lora.bt = bb.buf, lora.values = vb.buf, lora.ds = db.buf;
+        lora.width = (int)code_bytes, lora.rank = rank;
     }
     plan(&g);
     row_fn row = row_kernel(&g, width);
@@ -686,15 +745,16 @@ static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     for (int64_t t = 0; t < n_t; t++)
         for (int64_t k = 0; k < xs; k++) xp[t * xs + k] = lane_cols[k] >= 0 ? x[t * g.cols + lane_cols[k]] : 0.0f;
-    product job = {&g, tiles, xp, y, n_t, row, n_t == 1 ? tile_kernel(&g, row) : NULL, 0, 0};
+    product job = {&g, tiles, xp, y, n_t, row, n_t == 1 ? tile_kernel(&g, row) : NULL, 0, 0,
+                   nargs == 26 ? &lora : NULL};
     size_t scratch = sizeof(group) * (size_t)g.n_groups + 64 + sizeof(float) * (size_t)((g.tr > 8 ? g.tr : 8) * g.lanes);
-    int64_t n_chunks = chunks(&job, threads);
+    int64_t n_chunks = chunks(&job, threads) + (job.lora != NULL);
     int oom;
     Py_BEGIN_ALLOW_THREADS
     oom = lunit_run(compute_chunk, &job, n_chunks, scratch, (int)threads) != 0;
     Py_END_ALLOW_THREADS
     free(xp);
-    if (oom) {
+    if (oom || lora.failed) {
         PyErr_NoMemory();
         goto done;
     }
@@ -705,6 +765,10 @@ done:
     if (lb.obj) PyBuffer_Release(&lb);
     if (xb.obj) PyBuffer_Release(&xb);
     if (yb.obj) PyBuffer_Release(&yb);
+    if (ab.obj) PyBuffer_Release(&ab);
+    if (bb.obj) PyBuffer_Release(&bb);
+    if (vb.obj) PyBuffer_Release(&vb);
+    if (db.obj) PyBuffer_Release(&db);
     return result;
 }
 

@@ -9,35 +9,7 @@
  * is computed in float64 and rounded to float32. A position is computed the same way whatever else is in the
  * batch, so a prefill and the decode steps of the same positions agree.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* The loops below are elementwise over independent lanes (no reassociation), so a wider vector unit computes the
- * same bits: on x86-64 with GCC (and ifunc) the hot ones are built for AVX-512 and AVX2 too, picked at load time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define VUNIT_FAST __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VUNIT_FAST
-#endif
-
-/* ops.tree_sum over the n rows of a [n][w] block, for each of the w columns, in place: the sums end in row 0.
- * With h the largest power of two below n, row i + h is added to row i (i < n - h), then the same over h rows. */
-VUNIT_FAST static void tree_rows(float *a, Py_ssize_t n, Py_ssize_t w) {
-    while (n > 1) {
-        Py_ssize_t h = 1;
-        while (h * 2 < n) h *= 2;
-        /* rows i < n - h take rows i + h: (n - h) * w contiguous floats take the ones h * w further on */
-        float *restrict dst = a;
-        const float *restrict src = a + h * w;
-        const Py_ssize_t count = (n - h) * w;
-        for (Py_ssize_t l = 0; l < count; l++) dst[l] += src[l];
-        n = h;
-    }
-}
+#include "_vunit_sums.h"
 
 /* t[i][l] = x[i] * a[i][l] for n rows of w: the terms of n sums' tree */
 VUNIT_FAST static void scaled_rows(float *restrict t, const float *restrict x, const float *restrict a, Py_ssize_t n,
@@ -201,91 +173,6 @@ static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 
 /* ---- LORA: y = dst + ((x @ A^T) @ B^T) * scaling, from A's and B's codes as they lie in SRAM ---- */
 
-/* The value of an FP8 E4M3 (fn) code, exactly: a normal code's exponent and mantissa bits placed where a float32's
- * are, its exponent rebased by 127 - 7 (integer arithmetic: no subnormal float is formed, which would cost a
- * microcode assist on some CPUs); a subnormal code is m 2^-9; 0x7f is NaN. Arithmetic rather than a table, so that
- * a vector unit converts a vector of codes at once; tests/test_vunit.py holds it to
- * romac.codecs.elements.lora_code_values for all 256 codes. */
-static inline float fp8_e4m3_value(uint8_t c) {
-    const uint32_t em = c & 0x7f, sign = (uint32_t)(c & 0x80) << 24;
-    uint32_t bits = sign | ((em << 20) + ((uint32_t)(127 - 7) << 23));
-    float normal;
-    memcpy(&normal, &bits, sizeof normal);
-    float subnormal = (float)em * 0x1p-9f;
-    subnormal = sign ? -subnormal : subnormal;
-    float value = em < 8 ? subnormal : normal;
-    return em == 0x7f ? NAN : value;
-}
-
-/* t[i] = x[i] * (value of code i * scale) for n codes of `width` bytes: FP8 E4M3 (1 byte) or a 2-byte code's
- * value from the table (little-endian) */
-VUNIT_FAST static void code_terms(float *restrict t, const float *restrict x, const uint8_t *restrict codes,
-                                  int width, const float *restrict values, float scale, Py_ssize_t n) {
-    if (width == 1)
-        for (Py_ssize_t i = 0; i < n; i++) t[i] = x[i] * (fp8_e4m3_value(codes[i]) * scale);
-    else
-        for (Py_ssize_t i = 0; i < n; i++)
-            t[i] = x[i] * (values[(uint32_t)codes[2 * i] | (uint32_t)codes[2 * i + 1] << 8] * scale);
-}
-
-/* t[i] = h * (value of code i * scale): one row of B^T's terms, h the same for all */
-VUNIT_FAST static void code_terms_of(float *restrict t, float h, const uint8_t *restrict codes, int width,
-                                     const float *restrict values, float scale, Py_ssize_t n) {
-    if (width == 1)
-        for (Py_ssize_t i = 0; i < n; i++) t[i] = h * (fp8_e4m3_value(codes[i]) * scale);
-    else
-        for (Py_ssize_t i = 0; i < n; i++)
-            t[i] = h * (values[(uint32_t)codes[2 * i] | (uint32_t)codes[2 * i + 1] << 8] * scale);
-}
-
-#define LORA_BLOCK 32 /* positions of a prefill whose A sums are computed together */
-
-/* w[i] = value of code i * scale: a matrix's weights, decoded once for all the positions of a prefill */
-VUNIT_FAST static void decode_codes(float *restrict w, const uint8_t *restrict codes, int width,
-                                    const float *restrict values, float scale, Py_ssize_t n) {
-    if (width == 1)
-        for (Py_ssize_t i = 0; i < n; i++) w[i] = fp8_e4m3_value(codes[i]) * scale;
-    else
-        for (Py_ssize_t i = 0; i < n; i++) w[i] = values[(uint32_t)codes[2 * i] | (uint32_t)codes[2 * i + 1] << 8] * scale;
-}
-
-/* t[i][p] = xt[i][p] * w[i]: the terms of t sums over i (one per position p), xt the positions' inputs transposed */
-VUNIT_FAST static void column_terms(float *restrict t, const float *restrict xt, const float *restrict w,
-                                    Py_ssize_t n, Py_ssize_t t_count) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const float wi = w[i], *xi = xt + i * t_count;
-        float *ti = t + i * t_count;
-        for (Py_ssize_t p = 0; p < t_count; p++) ti[p] = xi[p] * wi;
-    }
-}
-
-/* t[i] = h * w[i] */
-VUNIT_FAST static void scaled_copy(float *restrict t, float h, const float *restrict w, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++) t[i] = h * w[i];
-}
-
-/* A prefill's LORA: A and B^T decoded once, then A's sums for all positions at once (a tree over in of
- * [in][positions] terms), then B's per position; the same trees, so the same bits, as one position at a time.
- * h: [positions][rank]; scratch: in * positions floats at least, and rank * out. */
-static void lora_positions(const float *x, const float *wa, const float *wbt, float scaling, const float *dst,
-                           float *y, float *h, float *xt, float *terms, Py_ssize_t t, Py_ssize_t in, Py_ssize_t rank,
-                           Py_ssize_t out) {
-    for (Py_ssize_t p = 0; p < t; p++)
-        for (Py_ssize_t i = 0; i < in; i++) xt[i * t + p] = x[p * in + i];
-    for (Py_ssize_t r = 0; r < rank; r++) {
-        column_terms(terms, xt, wa + r * in, in, t);
-        tree_rows(terms, in, t);
-        for (Py_ssize_t p = 0; p < t; p++) h[p * rank + r] = terms[p];
-    }
-    for (Py_ssize_t p = 0; p < t; p++) {
-        for (Py_ssize_t r = 0; r < rank; r++) scaled_copy(terms + r * out, h[p * rank + r], wbt + r * out, out);
-        tree_rows(terms, rank, out);
-        const float *dp = dst + p * out;
-        float *yp = y + p * out;
-        for (Py_ssize_t j = 0; j < out; j++) yp[j] = terms[j] * scaling + dp[j];
-    }
-}
-
 static PyObject *lora(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     /* lora(x, a_codes [rank, in], a_scale, bt_codes [rank, out], b_scale, values, code_bytes, scaling, dst, y,
      *      positions, in, rank, out); bt_codes: B's codes transposed (B is [out, rank] in SRAM) */
@@ -311,46 +198,11 @@ static PyObject *lora(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         release(&v);
         return NULL;
     }
-    if (t > 1) {
-        /* decoded A [rank][in] and B^T [rank][out], then for a block of positions: h, their inputs transposed,
-         * the terms */
-        Py_ssize_t block = t < LORA_BLOCK ? t : LORA_BLOCK;
-        Py_ssize_t terms = in * block > rank * out ? in * block : rank * out;
-        float *buf = malloc((size_t)(rank * in + rank * out + block * rank + in * block + terms) * sizeof(float));
-        if (!buf) {
-            release(&v);
-            return PyErr_NoMemory();
-        }
-        float *wa = buf, *wbt = wa + rank * in, *h = wbt + rank * out, *xt = h + block * rank, *tm = xt + in * block;
-        decode_codes(wa, a, (int)width, values, a_scale, rank * in);
-        decode_codes(wbt, b, (int)width, values, b_scale, rank * out);
-        for (Py_ssize_t p0 = 0; p0 < t; p0 += block) {
-            Py_ssize_t n = t - p0 < block ? t - p0 : block;
-            lora_positions(x + p0 * in, wa, wbt, scaling, dst + p0 * out, y + p0 * out, h, xt, tm, n, in, rank, out);
-        }
-        free(buf);
-        release(&v);
-        Py_RETURN_NONE;
-    }
-    /* one position: each weight decoded where it is used. The terms: [in] (one of A's rows), then [rank][out] */
-    Py_ssize_t terms = in > rank * out ? in : rank * out;
-    float *buf = malloc((size_t)(terms + rank + 1) * sizeof(float));
-    if (!buf) {
-        release(&v);
-        return PyErr_NoMemory();
-    }
-    float *h = buf + terms;
-    for (Py_ssize_t r = 0; r < rank; r++) {
-        code_terms(buf, x, a + r * in * width, (int)width, values, a_scale, in);
-        tree_rows(buf, in, 1);
-        h[r] = buf[0];
-    }
-    for (Py_ssize_t r = 0; r < rank; r++)
-        code_terms_of(buf + r * out, h[r], b + r * out * width, (int)width, values, b_scale, out);
-    tree_rows(buf, rank, out);
-    for (Py_ssize_t j = 0; j < out; j++) y[j] = buf[j] * scaling + dst[j];
-    free(buf);
+    int oom = lora_sums(x, a, a_scale, b, b_scale, values, (int)width, t, in, rank, out, y);
+    if (!oom)
+        for (Py_ssize_t k = 0; k < t * out; k++) y[k] = y[k] * scaling + dst[k];
     release(&v);
+    if (oom) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

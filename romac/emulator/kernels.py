@@ -432,6 +432,21 @@ def c_product(c_args: tuple, width: int = 0) -> Callable[[np.ndarray, int], np.n
     return lambda x, threads: _c_matmul(c_args, x, threads, width)
 
 
+def c_product_with_lora(c_args: tuple, width: int = 0) -> Callable[[np.ndarray, int, tuple], tuple]:
+    """``c_product`` with the LORA that follows it computed beside it, on whichever of the threads is free:
+    ``f(x, threads, lora) -> (x @ W^T, ds)``, ``lora`` = (A's codes [rank, in], A's scale, B^T's codes [rank, out],
+    B's scale, code values, code bytes, scaling, rank) as romac.emulator.sram keeps them, ``ds`` = the LORA's
+    ((x @ A^T) @ B^T) * scaling (its sums ops.tree_sum's), which the caller adds."""
+
+    def product(x: np.ndarray, threads: int, lora: tuple) -> tuple[np.ndarray, np.ndarray]:
+        y = np.empty((x.shape[0], c_args[2]), f32)
+        ds = np.empty_like(y)
+        _lunit.matmul_affine(*c_args, x, y, threads, width, *lora, ds)
+        return y, ds
+
+    return product
+
+
 def rows(banks: numba.typed.List, tb: np.ndarray, to: np.ndarray, geo: np.ndarray, lane_cols: np.ndarray,
          values: np.ndarray, nested: np.ndarray, offset: float, ids: np.ndarray) -> np.ndarray:
     """The dequantized rows ``ids`` (float32 [n, in]), bit for bit the codec's dequantization."""

@@ -18,7 +18,7 @@ from romac.artifacts import open_artifacts
 from romac.emulator.ops import SEMANTICS
 from romac.emulator.rom import Rom
 from romac.emulator.sram import Sram
-from romac.emulator.vector_unit import NATIVE_SEMANTICS
+from romac.emulator.vector_unit import NATIVE_SEMANTICS, fuse_products
 from romac.errors import RomacError
 from romac.spec import isa
 from romac.spec.formats import element_format
@@ -58,10 +58,12 @@ class Machine:
         semantics = NATIVE_SEMANTICS if kernel == "native" else SEMANTICS
         self._handlers: list[tuple[Callable, isa.Instr]] = [(semantics[i.op], i) for i in self.program
                                                             if i.op != isa.Opcode.HALT]
+        if kernel == "native":
+            self._handlers = fuse_products(self._handlers)
         self._weights_t: dict[int, np.ndarray] = {}
-        # per matrix region: the C kernel's bound product (None: numba's), and from how many positions it is
-        # spread over the threads
+        # per matrix region: its product (_plan), and the C kernel's product with a LORA beside it
         self._products: dict[int, tuple[Callable | None, int]] = {}
+        self._products_with_lora: dict[int, Callable | None] = {}
         self._rope: dict[int, np.ndarray] = {}
         self._rope_step: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.buf: dict[int, np.ndarray] = {}
@@ -95,18 +97,34 @@ class Machine:
         """``x @ W^T`` for a matrix region: from the packed codes (native), or decoded and BLAS (numpy)."""
         if self.kernel == "numpy":
             return x @ self.weight_t(rid)
+        product, parallel_from = self._plan(rid)
+        threads = self.threads if x.shape[0] >= parallel_from else 1
+        if product is not None:
+            return product(np.ascontiguousarray(x, np.float32), threads)
+        self._use_threads(threads)  # numba's thread count
+        return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto")
+
+    def matmul_wt_lora(self, x: np.ndarray, rid: int, lora: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+        """``x @ W^T`` and, beside it, the scaled delta of a LORA (``lora``: as K.c_product_with_lora takes it) by
+        the C kernel, on the threads ``matmul_wt`` would use; None where the C kernel does not compute the region."""
+        if rid not in self._products_with_lora:
+            self._products_with_lora[rid] = self.rom.product_with_lora(rid) if self.kernel == "native" else None
+        product = self._products_with_lora[rid]
+        if product is None:
+            return None
+        threads = self.threads if x.shape[0] >= self._plan(rid)[1] else 1
+        return product(np.ascontiguousarray(x, np.float32), threads, lora)
+
+    def _plan(self, rid: int) -> tuple[Callable | None, int]:
+        """A matrix region's product: the C kernel's bound product (None: numba's), and from how many positions it
+        is spread over the threads."""
         plan = self._products.get(rid)
         if plan is None:
             shape = self.manifest.regions[rid].shape
             product = self.rom.product(rid) if self.kernel == "native" else None
             least = self.parallel_weights if product is not None else self.numba_parallel_weights
             plan = self._products[rid] = (product, -(-least // (shape[0] * shape[1])))
-        product, parallel_from = plan
-        threads = self.threads if x.shape[0] >= parallel_from else 1
-        if product is not None:
-            return product(np.ascontiguousarray(x, np.float32), threads)
-        self._use_threads(threads)  # numba's thread count
-        return self.rom.matmul(rid, x, engine="numba" if self.kernel == "numba" else "auto")
+        return plan
 
     def _use_threads(self, n: int) -> None:
         """numba's thread count for the next products (a per-thread setting, capped by NUMBA_NUM_THREADS)."""

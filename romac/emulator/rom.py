@@ -183,6 +183,12 @@ class Rom:
         c_args = self.kernel(rid).c_args
         return None if c_args is None else K.c_product(c_args)
 
+    def product_with_lora(self, rid: int) -> Callable[[np.ndarray, int, tuple], tuple] | None:
+        """``product`` with a LORA computed beside it (K.c_product_with_lora), or None where the C kernel does not
+        compute the region."""
+        c_args = self.kernel(rid).c_args
+        return None if c_args is None else K.c_product_with_lora(c_args)
+
     def rows(self, rid: int, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of matrix region rid (float32 [n, in]), equal to ``value(rid)[ids]`` bit for bit."""
         k = self.kernel(rid)

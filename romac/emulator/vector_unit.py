@@ -4,6 +4,10 @@
 romac.emulator.ops stays the definition (and what the numba and numpy kernels run); these handlers replace four of
 its handlers where the extension is built (setup.py: it is optional, like the product kernel). The rest of the
 instructions (EMBED, MATVEC, KVSTORE, SWIGLU, ADD) already cost one or two calls each and keep ops.py's handlers.
+
+A LORA right after the MATVEC it corrects (same input, same destination) is computed by the product kernel beside
+the product (``fuse_products``): the two threads share the LORA's work and the product's rows, and the result is
+the same bits as the two instructions one after the other.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import functools
 import importlib
 import importlib.util
 
+from collections.abc import Callable
+
 import numpy as np
 
 from romac.emulator.ops import SEMANTICS
-from romac.spec.isa import FLAG_CORRECTION, Instr, Opcode, bits_f32
+from romac.spec.isa import FLAG_ACCUMULATE, FLAG_CORRECTION, Instr, Opcode, bits_f32
 
 # A compiled module, not one of the package's Python modules, so it is looked up rather than imported by name.
 _VUNIT = "romac.emulator._vunit"
@@ -40,19 +46,67 @@ def rope(m, i: Instr) -> None:
     m.buf[i.dst] = y
 
 
-def lora(m, i: Instr) -> None:
+def _slot(m, i: Instr) -> tuple | None:
+    """The LORA's slot as the kernels take it: (A's codes, A's scale, B^T's codes, B's scale, code values, code
+    bytes, scaling, rank), or None if the slot holds nothing."""
     sram = m.sram
     codes = (sram.correction_codes if i.flags & FLAG_CORRECTION else sram.lora_codes).get(i.a)
     if codes is None:
-        return
-    a, a_scale, b, b_scale = codes
+        return None
+    a, a_scale, bt, b_scale = codes
     scaling = (sram.correction if i.flags & FLAG_CORRECTION else sram.lora)[i.a][2]
+    return a, a_scale, bt, b_scale, sram.code_values, sram.code_bytes, float(scaling), bt.shape[0]
+
+
+def lora(m, i: Instr) -> None:
+    slot = _slot(m, i)
+    if slot is None:
+        return
+    a, a_scale, bt, b_scale, values, code_bytes, scaling, rank = slot
     x, dst = m.buf[i.src0], m.buf[i.dst]
     y = np.empty_like(dst)
-    rank, out = b.shape[0], b.shape[1] // sram.code_bytes
-    _vunit.lora(x, a, a_scale, b, b_scale, sram.code_values, sram.code_bytes, float(scaling), dst, y, x.shape[0],
-                x.shape[1], rank, out)
+    _vunit.lora(x, a, a_scale, bt, b_scale, values, code_bytes, scaling, dst, y, x.shape[0], x.shape[1], rank,
+                bt.shape[1] // code_bytes)
     m.buf[i.dst] = y
+
+
+def matvec_lora(m, mv: Instr, lo: Instr) -> None:
+    """MATVEC ``mv`` then LORA ``lo`` (same input and destination) in one call of the product kernel."""
+    slot = _slot(m, lo)
+    both = m.matmul_wt_lora(m.buf[mv.src0], mv.a, slot) if slot is not None else None
+    if both is None:  # an empty slot, or a matrix the C kernel does not compute
+        SEMANTICS[Opcode.MATVEC](m, mv)
+        NATIVE_SEMANTICS[Opcode.LORA](m, lo)
+        return
+    y, ds = both
+    if mv.flags & FLAG_ACCUMULATE:
+        y += m.buf[mv.dst]
+    y += ds  # ops.lora's dst + delta * scaling
+    m.buf[mv.dst] = y
+
+
+def fuse_products(handlers: list[tuple[Callable, Instr]]) -> list[tuple[Callable, Instr]]:
+    """The handlers with each MATVEC that a LORA of the same input and destination follows replaced by one
+    ``matvec_lora`` of the two (where the C extensions are built)."""
+    if _vunit is None:
+        return handlers
+    out: list[tuple[Callable, Instr]] = []
+    k = 0
+    while k < len(handlers):
+        mv = handlers[k][1]
+        lo = handlers[k + 1][1] if k + 1 < len(handlers) else None
+        if (mv.op == Opcode.MATVEC and lo is not None and lo.op == Opcode.LORA and lo.src0 == mv.src0
+                and lo.dst == mv.dst and mv.src0 != mv.dst):
+            out.append((functools.partial(_fused, lora_instr=lo), mv))
+            k += 2
+        else:
+            out.append(handlers[k])
+            k += 1
+    return out
+
+
+def _fused(m, mv: Instr, lora_instr: Instr) -> None:
+    matvec_lora(m, mv, lora_instr)
 
 
 def attn(m, i: Instr) -> None:
