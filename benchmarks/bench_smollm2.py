@@ -15,7 +15,8 @@ export with the adapter merged), once with its default intra-op threads and once
 Each measurement: prefill the prompt (the first ``--prompt-tokens`` tokens of real English text), then
 ``--tokens`` greedy decode steps at batch 1, each step feeding the previous step's token; tokens/s is the
 number of decode steps over their wall time. The engines are measured in turn, ``--repeat`` rounds, and the
-table shows the median round with the range in brackets. The machine's load average is printed: the figures
+table shows the median round with the range in brackets, and each engine's speed over onnxruntime's (default
+threads) of the same round, median and range over the rounds. The machine's load average is printed: the figures
 are only as quiet as the machine was.
 """
 
@@ -136,11 +137,18 @@ def main() -> None:
           f"{args.repeat} rounds [min–max]; 1-min load average during the run: "
           f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores")
     print()
-    print(f"| engine | prefill tok/s ({len(prompt)}-token prompt) | decode tok/s | first generated ids |")
-    print("| --- | ---: | ---: | --- |")
+    # each engine against onnxruntime (default threads) of the same round: the machine's speed drifts between rounds
+    base = next((name for name, (kind, _) in engines if kind == "ort"), None)
+    print(f"| engine | prefill tok/s ({len(prompt)}-token prompt) | decode tok/s | prefill / onnxruntime "
+          "(per round) | decode / onnxruntime (per round) | first generated ids |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, _ in engines:
         res = results[name]
-        print(f"| {name} | {fmt(res['prefill'], 0)} | {fmt(res['tps'])} | {','.join(map(str, res['ids'][:6]))} |")
+        ratios = ["", ""]
+        if base is not None:
+            ratios = [fmt([a / b for a, b in zip(res[key], results[base][key])], 2) + "x" for key in ("prefill", "tps")]
+        print(f"| {name} | {fmt(res['prefill'], 0)} | {fmt(res['tps'])} | {ratios[0]} | {ratios[1]} | "
+              f"{','.join(map(str, res['ids'][:6]))} |")
 
 
 if __name__ == "__main__":
