@@ -1,7 +1,8 @@
 """The C product kernel (romac.emulator._lunit) against the numba kernel it mirrors: bit for bit the same outputs,
 for every format it computes (INT2/INT4/INT8 affine codes with their fp16 scales), at the tile edges (rows and
 columns that are not multiples of the tile, a partial last group, lane vectors that hold only some of its
-columns), for one position and for prefills of every remainder of its blocks of four, on one to three threads,
+columns), for one position and for prefills of every remainder of its blocks of four (37 positions: past two of
+the sweeps of POSITION_BLOCK), on one to three threads,
 at each lane width this CPU runs; and its thread pool: products from several Python threads at once, and in a
 child process forked after the pool's threads started. The numba kernel is tested against the numpy definition
 (test_kernels.py)."""

@@ -50,6 +50,13 @@ typedef float v16f __attribute__((vector_size(64)));
  * and 4096 columns: the 4-position kernel 1.2-1.4x as fast; 256-768: the two within this machine's noise,
  * docs/performance.md). */
 #define PREFILL8_MAX_COLS 768
+/* A prefill's positions a chunk's rows are swept for at a time: their inputs (16 x 576 floats, 36 KiB for SmolLM2)
+ * stay near while the rows stream past, rather than every position's inputs for every row (SmolLM2's 32- and
+ * 64-token prefills 1.08-1.28x as fast as all positions at once, 8 and 16 within noise of each other; 4: slower;
+ * docs/performance.md). Which block a position is in never changes its bits. */
+#ifndef POSITION_BLOCK
+#define POSITION_BLOCK 16
+#endif
 #define PREFETCH_ROWS 8 /* one position: the codes of the row this many ahead are prefetched (docs/performance.md) */
 
 /* Where the W lanes of lane vector lv of a group come from: bytes offs[lv] .. offs[lv] + W - 1 of the group's
@@ -665,7 +672,12 @@ static void compute_chunk(const void *job, int64_t c, void *scratch) {
         return;
     }
     int64_t o1 = (c + 1) * p->chunk_rows < g->rows ? (c + 1) * p->chunk_rows : g->rows;
-    for (int64_t o = c * p->chunk_rows; o < o1; o++) p->row(g, p->tiles, o, p->xp, p->n_t, p->y, gr, acc);
+    const int64_t xs = g->n_groups * g->lanes;
+    for (int64_t t0 = 0; t0 < p->n_t; t0 += POSITION_BLOCK) {
+        int64_t nb = p->n_t - t0 < POSITION_BLOCK ? p->n_t - t0 : POSITION_BLOCK;
+        for (int64_t o = c * p->chunk_rows; o < o1; o++)
+            p->row(g, p->tiles, o, p->xp + t0 * xs, nb, p->y + t0 * g->rows, gr, acc);
+    }
 }
 
 /* matmul_affine(tiles, ct, rows, cols, tr, tc, bits, per, lanes, f0bits, f1bits, n_groups, lane_cols, x, y,
