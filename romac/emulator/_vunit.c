@@ -5,9 +5,9 @@
  *
  * romac/emulator/ops.py is the definition: each function computes exactly what its handler there computes, in the
  * same order, with the same roundings (built with -ffp-contract=off: no fused multiply-add), so the results are the
- * same bits (tests/test_vunit.py compares them). Every sum is ops.tree_sum's balanced tree (tree_rows below), exp
- * is computed in float64 and rounded to float32. A position is computed the same way whatever else is in the
- * batch, so a prefill and the decode steps of the same positions agree.
+ * same bits (tests/test_vunit.py compares them). Every sum is ops.tree_sum's balanced tree (tree_rows, in
+ * _vunit_sums.h), exp is computed in float64 and rounded to float32. A position is computed the same way whatever
+ * else is in the batch, so a prefill and the decode steps of the same positions agree.
  */
 #include "_vunit_sums.h"
 

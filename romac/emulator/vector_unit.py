@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-
 from collections.abc import Callable
 
 import numpy as np
@@ -97,16 +96,12 @@ def fuse_products(handlers: list[tuple[Callable, Instr]]) -> list[tuple[Callable
         lo = handlers[k + 1][1] if k + 1 < len(handlers) else None
         if (mv.op == Opcode.MATVEC and lo is not None and lo.op == Opcode.LORA and lo.src0 == mv.src0
                 and lo.dst == mv.dst and mv.src0 != mv.dst):
-            out.append((functools.partial(_fused, lora_instr=lo), mv))
+            out.append((functools.partial(matvec_lora, lo=lo), mv))
             k += 2
         else:
             out.append(handlers[k])
             k += 1
     return out
-
-
-def _fused(m, mv: Instr, lora_instr: Instr) -> None:
-    matvec_lora(m, mv, lora_instr)
 
 
 def attn(m, i: Instr) -> None:
