@@ -58,7 +58,7 @@ class _Machine(SimpleNamespace):
         decoded[slot] = (np.ascontiguousarray(a_dec.T), np.ascontiguousarray(b_dec.T), np.float32(scaling))
         bt_codes = b_codes.reshape(*b.shape, e.bytes).transpose(1, 0, 2).reshape(b.shape[1], -1)
         codes[slot] = (a_codes.reshape(a.shape[0], -1), a_scale if e.scaled else 1.0,
-                       np.ascontiguousarray(bt_codes), b_scale if e.scaled else 1.0)
+                       np.ascontiguousarray(bt_codes), b_scale if e.scaled else 1.0, float(np.float32(scaling)))
 
     def rope_tables(self, rid, t):
         return self.tables[0][:t], self.tables[1][:t]
@@ -172,6 +172,13 @@ def test_fp8_codes_convert_to_the_codec_values():
     nan = np.isnan(want)
     assert nan.sum() == 2 and np.array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(_bits(got[~nan]), _bits(want[~nan]))
+
+
+def test_the_c_code_reads_the_lora_formats_it_knows_and_no_other():
+    assert all(vu.reads_codes(lora_code_values(f), element_format(f).bytes) for f in LORA_FORMATS)
+    other = np.arange(256, dtype=np.float32)  # a 1-byte format that is not FP8 E4M3 (say, int8 codes)
+    assert not vu.reads_codes(other, 1)
+    assert vu.native_handlers([Instr(Opcode.LORA, a=0)], other, 1)[0][0] is ops.SEMANTICS[Opcode.LORA]
 
 
 def test_bad_buffers_are_refused():

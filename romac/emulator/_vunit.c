@@ -11,16 +11,6 @@
  */
 #include "_vunit_sums.h"
 
-/* t[i][l] = x[i] * a[i][l] for n rows of w: the terms of n sums' tree */
-VUNIT_FAST static void scaled_rows(float *restrict t, const float *restrict x, const float *restrict a, Py_ssize_t n,
-                                   Py_ssize_t w, Py_ssize_t a_stride) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const float xi = x[i], *ai = a + i * a_stride;
-        float *ti = t + i * w;
-        for (Py_ssize_t l = 0; l < w; l++) ti[l] = xi * ai[l];
-    }
-}
-
 /* q . k as the tree of tree_rows over its hd terms, for a power-of-two hd known to the compiler (then each level
  * is a few whole vectors, with no loop set-up) */
 static inline float dot_tree_pow2(const float *restrict q, const float *restrict k, float *restrict prod,

@@ -93,9 +93,14 @@ VUNIT_FAST static void column_terms(float *restrict t, const float *restrict xt,
     }
 }
 
-/* t[i] = h * w[i] */
-VUNIT_FAST static void scaled_copy(float *restrict t, float h, const float *restrict w, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++) t[i] = h * w[i];
+/* t[i][l] = x[i] * a[i][l] for n rows of w (a's rows a_stride apart): the terms of w sums over n rows */
+VUNIT_FAST static void scaled_rows(float *restrict t, const float *restrict x, const float *restrict a, Py_ssize_t n,
+                                   Py_ssize_t w, Py_ssize_t a_stride) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float xi = x[i], *ai = a + i * a_stride;
+        float *ti = t + i * w;
+        for (Py_ssize_t l = 0; l < w; l++) ti[l] = xi * ai[l];
+    }
 }
 
 /* A prefill's LORA sums: A and B^T decoded before, then A's sums for all positions at once (a tree over in of
@@ -111,7 +116,7 @@ static void lora_positions(const float *x, const float *wa, const float *wbt, fl
         for (Py_ssize_t p = 0; p < t; p++) h[p * rank + r] = terms[p];
     }
     for (Py_ssize_t p = 0; p < t; p++) {
-        for (Py_ssize_t r = 0; r < rank; r++) scaled_copy(terms + r * out, h[p * rank + r], wbt + r * out, out);
+        scaled_rows(terms, h + p * rank, wbt, rank, out, out);
         tree_rows(terms, rank, out);
         memcpy(d + p * out, terms, (size_t)out * sizeof(float));
     }

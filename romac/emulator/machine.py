@@ -18,7 +18,7 @@ from romac.artifacts import open_artifacts
 from romac.emulator.ops import SEMANTICS
 from romac.emulator.rom import Rom
 from romac.emulator.sram import Sram
-from romac.emulator.vector_unit import NATIVE_SEMANTICS, fuse_products
+from romac.emulator.vector_unit import native_handlers
 from romac.errors import RomacError
 from romac.spec import isa
 from romac.spec.formats import element_format
@@ -55,11 +55,9 @@ class Machine:
         self.sram = Sram(root, self.manifest)
         self.program = isa.decode((root / PROGRAM_BIN).read_bytes(), source=str(root / PROGRAM_BIN))
         isa.validate(self.program)
-        semantics = NATIVE_SEMANTICS if kernel == "native" else SEMANTICS
-        self._handlers: list[tuple[Callable, isa.Instr]] = [(semantics[i.op], i) for i in self.program
-                                                            if i.op != isa.Opcode.HALT]
-        if kernel == "native":
-            self._handlers = fuse_products(self._handlers)
+        self._handlers: list[tuple[Callable, isa.Instr]] = (
+            native_handlers(self.program, self.sram.code_values, self.sram.code_bytes) if kernel == "native"
+            else [(SEMANTICS[i.op], i) for i in self.program if i.op != isa.Opcode.HALT])
         self._weights_t: dict[int, np.ndarray] = {}
         # per matrix region: its product (_plan), and the C kernel's product with a LORA beside it
         self._products: dict[int, tuple[Callable | None, int]] = {}
@@ -108,7 +106,7 @@ class Machine:
         """``x @ W^T`` and, beside it, the scaled delta of a LORA (``lora``: as K.c_product_with_lora takes it) by
         the C kernel, on the threads ``matmul_wt`` would use; None where the C kernel does not compute the region."""
         if rid not in self._products_with_lora:
-            self._products_with_lora[rid] = self.rom.product_with_lora(rid) if self.kernel == "native" else None
+            self._products_with_lora[rid] = self.rom.product_with_lora(rid)
         product = self._products_with_lora[rid]
         if product is None:
             return None

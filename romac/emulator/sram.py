@@ -46,10 +46,11 @@ class Sram:
         self.adapter: str | None = None
         self.lora: dict[int, tuple[np.ndarray, np.ndarray, np.float32]] = {}
         # The same slots as they lie in SRAM, for the native kernel (romac.emulator.vector_unit), which computes
-        # from the codes: slot -> (A codes [rank, in], A's scale, B's codes transposed [rank, out], B's scale), the
-        # codes as bytes (B's copied into the order of its rows of B^T); a code's value is code_values[code] * scale.
-        self.lora_codes: dict[int, tuple[np.ndarray, float, np.ndarray, float]] = {}
-        self.correction_codes: dict[int, tuple[np.ndarray, float, np.ndarray, float]] = {}
+        # from the codes: slot -> (A codes [rank, in], A's scale, B's codes transposed [rank, out], B's scale,
+        # scaling), the codes as bytes (B's copied into the order of its rows of B^T); a code's value is
+        # code_values[code] * scale.
+        self.lora_codes: dict[int, tuple[np.ndarray, float, np.ndarray, float, float]] = {}
+        self.correction_codes: dict[int, tuple[np.ndarray, float, np.ndarray, float, float]] = {}
         self.code_values = lora_code_values(self.map.lora_format)
         self.code_bytes = element_format(self.map.lora_format).bytes
         # the base's low-rank correction: loaded once, at address 0, resident whatever the adapter
@@ -63,7 +64,7 @@ class Sram:
         image = np.fromfile(self.root / rel, dtype=np.uint8)
         self.bytes[offset : offset + image.size] = image
         fmt = self.map.lora_format
-        width, scaled = element_format(fmt).bytes, element_format(fmt).scaled
+        e_fmt = element_format(fmt)
         slots, codes = {}, {}
         for e in layout.entries:
             a_scale, b_scale, scaling, stored_rank = struct.unpack_from(SLOT_ENTRY_FORMAT, self.bytes,
@@ -74,11 +75,12 @@ class Sram:
             b = decode_lora(self.bytes[offset + e.b_offset:], (e.out_features, e.rank), fmt, b_scale)
             slots[e.slot] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), np.float32(scaling))
             a_at, b_at = offset + e.a_offset, offset + e.b_offset
+            width = e_fmt.bytes
             codes[e.slot] = (self.bytes[a_at : a_at + e.rank * e.in_features * width].reshape(e.rank, -1),
-                             a_scale if scaled else 1.0,
+                             a_scale if e_fmt.scaled else 1.0,
                              _transposed_codes(self.bytes[b_at : b_at + e.out_features * e.rank * width],
                                                e.out_features, e.rank, width),
-                             b_scale if scaled else 1.0)
+                             b_scale if e_fmt.scaled else 1.0, float(np.float32(scaling)))
         return slots, codes
 
     def load_adapter(self, name: str | None) -> None:

@@ -52,9 +52,8 @@ def _slot(m, i: Instr) -> tuple | None:
     codes = (sram.correction_codes if i.flags & FLAG_CORRECTION else sram.lora_codes).get(i.a)
     if codes is None:
         return None
-    a, a_scale, bt, b_scale = codes
-    scaling = (sram.correction if i.flags & FLAG_CORRECTION else sram.lora)[i.a][2]
-    return a, a_scale, bt, b_scale, sram.code_values, sram.code_bytes, float(scaling), bt.shape[0]
+    a, a_scale, bt, b_scale, scaling = codes
+    return a, a_scale, bt, b_scale, sram.code_values, sram.code_bytes, scaling, bt.shape[0]
 
 
 def lora(m, i: Instr) -> None:
@@ -75,7 +74,7 @@ def matvec_lora(m, mv: Instr, lo: Instr) -> None:
     both = m.matmul_wt_lora(m.buf[mv.src0], mv.a, slot) if slot is not None else None
     if both is None:  # an empty slot, or a matrix the C kernel does not compute
         SEMANTICS[Opcode.MATVEC](m, mv)
-        NATIVE_SEMANTICS[Opcode.LORA](m, lo)
+        lora(m, lo)
         return
     y, ds = both
     if mv.flags & FLAG_ACCUMULATE:
@@ -84,11 +83,30 @@ def matvec_lora(m, mv: Instr, lo: Instr) -> None:
     m.buf[mv.dst] = y
 
 
+def reads_codes(code_values: np.ndarray, code_bytes: int) -> bool:
+    """Whether the C code computes with LoRA codes of this format: 2-byte codes through their table of values,
+    1-byte codes by its own FP8 E4M3 arithmetic, so only where that table is E4M3's."""
+    if _vunit is None:
+        return False
+    if code_bytes == 2:
+        return True
+    return code_bytes == 1 and np.array_equal(code_values, np.array(_vunit.fp8_values(), np.float32), equal_nan=True)
+
+
+def native_handlers(program: list[Instr], code_values: np.ndarray, code_bytes: int) -> list[tuple[Callable, Instr]]:
+    """A program's handlers for the native kernel: NATIVE_SEMANTICS's, ops.py's LORA where the C code does not
+    read the SRAM's LoRA format, and each MATVEC that a LORA of the same input and destination follows fused with
+    it (``matvec_lora``)."""
+    semantics = dict(NATIVE_SEMANTICS)
+    if not reads_codes(code_values, code_bytes):
+        semantics[Opcode.LORA] = SEMANTICS[Opcode.LORA]
+    handlers = [(semantics[i.op], i) for i in program if i.op != Opcode.HALT]
+    return fuse_products(handlers) if semantics[Opcode.LORA] is lora else handlers
+
+
 def fuse_products(handlers: list[tuple[Callable, Instr]]) -> list[tuple[Callable, Instr]]:
     """The handlers with each MATVEC that a LORA of the same input and destination follows replaced by one
-    ``matvec_lora`` of the two (where the C extensions are built)."""
-    if _vunit is None:
-        return handlers
+    ``matvec_lora`` of the two."""
     out: list[tuple[Callable, Instr]] = []
     k = 0
     while k < len(handlers):
