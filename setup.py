@@ -18,7 +18,7 @@ if sys.platform != "win32":
 
 setup(ext_modules=[
     Extension("romac.emulator._lunit", ["romac/emulator/_lunit.c", "romac/emulator/_lunit_pool.c"],
-              depends=["romac/emulator/_lunit_pool.h", "romac/emulator/_vunit_sums.h"], extra_compile_args=compile_args,
+              depends=["romac/emulator/_lunit_pool.h", "romac/emulator/_lunit_gemm.h", "romac/emulator/_vunit_sums.h"], extra_compile_args=compile_args,
               extra_link_args=link_args, optional=True),
     # the per-position instructions (RMSNORM, ROPE, LORA, ATTN) of the native kernel: romac/emulator/vector_unit.py
     Extension("romac.emulator._vunit", ["romac/emulator/_vunit.c"], depends=["romac/emulator/_vunit_sums.h"],

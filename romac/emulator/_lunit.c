@@ -6,8 +6,9 @@
  * module's doc is the definition): each weight float32(s) * (q - z), each product w * x, each lane's sum in
  * column order, the lanes of a row summed pairwise; no fused multiply-add (built with -ffp-contract=off).
  * What it adds is where the numbers live: a block of accumulator lanes stays in vector registers while the row's
- * groups stream past, instead of a load and a store of every accumulator per weight. Rows are independent and
- * each is computed the same way on any thread, so the result does not depend on the thread count.
+ * groups stream past, instead of a load and a store of every accumulator per weight; a prefill makes a few rows'
+ * weights once and multiplies them by a few positions at a time in a register tile (_lunit_gemm.h). Rows are
+ * independent and each is computed the same way on any thread, so the result does not depend on the thread count.
  *
  * The byte layout of a tile (codes, then scales, then zero points, each part's rows padded to whole bytes) is
  * romac.spec.layout's; the kernels' arithmetic on it mirrors romac/emulator/kernels.py `_walk`.
@@ -40,23 +41,14 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint8_t v8b __attribute__((vector_size(8)));
 typedef float v16f __attribute__((vector_size(64)));
+/* the same vectors at any float's address (a load of one from memory the kernel did not lay out) */
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4)));
 
 #define MAX_GROUPS 4096 /* groups of one row the per-row tables hold (a 512K-column row at groups of 128) */
 #define MAX_LANES 1024  /* group sizes the kernel computes */
 #define MAX_TILES 4096  /* column tiles of a matrix */
 #define CHUNK_ROWS 64 /* rows a chunk of a product on several threads, at most (see chunks()) */
-/* Rows of at most this many columns (lanes) take the 8-position prefill; longer ones the 4-position one: the 8
- * positions' inputs of a longer row (32 KiB and more) no longer stay in L1 from one row to the next (1024, 1536
- * and 4096 columns: the 4-position kernel 1.2-1.4x as fast; 256-768: the two within this machine's noise,
- * docs/performance.md). */
-#define PREFILL8_MAX_COLS 768
-/* A prefill's positions a chunk's rows are swept for at a time: their inputs (16 x 576 floats, 36 KiB for SmolLM2)
- * stay near while the rows stream past, rather than every position's inputs for every row (SmolLM2's 32- and
- * 64-token prefills 1.08-1.28x as fast as all positions at once, 8 and 16 within noise of each other; 4: slower;
- * docs/performance.md). Which block a position is in never changes its bits. */
-#ifndef POSITION_BLOCK
-#define POSITION_BLOCK 16
-#endif
 #define PREFETCH_ROWS 8 /* one position: the codes of the row this many ahead are prefetched (docs/performance.md) */
 
 /* Where the W lanes of lane vector lv of a group come from: bytes offs[lv] .. offs[lv] + W - 1 of the group's
@@ -443,115 +435,34 @@ static inline TARGET_V16 float v16_lanes_sum(v16f u) {
         for (; rr < rr1; rr++) V##_rows_##BITS##_1(g, row_tiles, r, rr, xp, y + i * g->tr + rr);                 \
     }
 
-/* NT positions, the NV lane vectors from LV0 = K * NV (mod 8), of a row whose groups (gr, from row_groups) are G = 8 * W lanes of
- * BITS-bit codes: the offsets and shifts are constants, each lane vector's weights are computed once for the NT
- * positions. acc: [NT][G]. */
-#define DEFINE_PREFILL(V, VEC, W, TARGET, NT, NV, BITS, K)                                                       \
-    static TARGET void V##_prefill##NT##_##BITS##_##K(const geometry *g, const group *gr, int64_t ng,          \
-                                                      const float *xp, int64_t xs, float *acc) {                \
-        enum { G = 8 * W, ST = G / (8 / BITS), LV0 = (K) * (NV) % 8 };                                          \
-        const lane_vectors *L = &g->V;                                                                           \
-        VEC a[NT][NV];                                                                                           \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                     \
-            _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) a[t][v] = (VEC){0};                            \
-        int64_t whole = ng > 0 && gr[ng - 1].len < G ? ng - 1 : ng;                                              \
-        for (int64_t k = 0; k < whole; k++) {                                                                    \
-            const float *x = xp + k * G + LV0 * W;                                                               \
-            V##_group p = V##_prepare(g, gr + k);                                                                \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                               \
-                VEC w = V##_weights_at(&p, gr[k].codes + ((LV0 + v) * W) % ST,                                   \
-                                       8 - BITS * (((LV0 + v) * W) / ST + 1));                                   \
-                ADD_PRODUCTS(NT, VEC, W, v, w)                                                                   \
-            }                                                                                                    \
-        }                                                                                                        \
-        if (whole < ng) {                                                                                        \
-            const group *q = gr + whole;                                                                         \
-            const float *x = xp + whole * G + LV0 * W;                                                           \
-            V##_group p = V##_prepare(g, q);                                                                     \
-            PARTIAL_GROUP(V, VEC, W, NT, NV, q, LV0,                                                             \
-                          V##_weights_at(&p, q->codes + ((LV0 + v) * W) % ST, 8 - BITS * (((LV0 + v) * W) / ST + 1))) \
-        }                                                                                                        \
-        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++)                                                     \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                                 \
-                memcpy(acc + t * G + (LV0 + v) * W, &a[t][v], sizeof a[t][v]);                                  \
-    }
-
-/* The constant-shift prefills of BITS-bit codes: 8 positions, lane vectors two at a time, and 4 positions, P4 at a
- * time (as many as the registers hold beside the accumulators: 4 with 16-lane vectors, 2 with 8-lane ones). */
-#define DEFINE_PREFILLS(V, VEC, W, TARGET, BITS, P4)                                                             \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 0)                                                             \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 1)                                                             \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 2)                                                             \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 8, 2, BITS, 3)                                                             \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 0)                                                            \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 1)                                                            \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 2)                                                            \
-    DEFINE_PREFILL(V, VEC, W, TARGET, 4, P4, BITS, 3)                                                            \
-    static TARGET void V##_prefill8_##BITS(const geometry *g, const group *gr, int64_t ng, const float *xp,     \
-                                           int64_t xs, float *acc) {                                             \
-        V##_prefill8_##BITS##_0(g, gr, ng, xp, xs, acc);                                                         \
-        V##_prefill8_##BITS##_1(g, gr, ng, xp, xs, acc);                                                         \
-        V##_prefill8_##BITS##_2(g, gr, ng, xp, xs, acc);                                                         \
-        V##_prefill8_##BITS##_3(g, gr, ng, xp, xs, acc);                                                         \
-    }                                                                                                            \
-    static TARGET void V##_prefill4_##BITS(const geometry *g, const group *gr, int64_t ng, const float *xp,     \
-                                           int64_t xs, float *acc) {                                             \
-        V##_prefill4_##BITS##_0(g, gr, ng, xp, xs, acc);                                                         \
-        V##_prefill4_##BITS##_1(g, gr, ng, xp, xs, acc);                                                         \
-        if (P4 == 2) {                                                                                           \
-            V##_prefill4_##BITS##_2(g, gr, ng, xp, xs, acc);                                                     \
-            V##_prefill4_##BITS##_3(g, gr, ng, xp, xs, acc);                                                     \
-        }                                                                                                        \
-    }
-
 /* tree() of the G = 8 * W lanes at p, in vector registers (kernels._tree's pairs: vector v adds vector v + 4,
- * then v + 2, then v + 1, then the last vector's lanes), loaded as the whole vectors the prefill stored. */
+ * then v + 2, then v + 1, then the last vector's lanes), loaded as the whole vectors the GEMM tile stored. */
 #define DEFINE_ROW_SUM(V, VEC, TARGET)                                                                           \
     static inline TARGET float V##_row_sum(const float *p) {                                                     \
         VEC u[8];                                                                                                \
         float sum;                                                                                               \
-        memcpy(u, p, sizeof u);                                                                                  \
+        /* vector by vector, not one memcpy of the array: that kept a copy of all 8 on the stack */              \
+        _Pragma("GCC unroll 8") for (int v = 0; v < 8; v++) u[v] = ((const VEC##_u *)p)[v];                     \
         REDUCE_ROW(V, 8, u, sum);                                                                                \
         return sum;                                                                                              \
     }
 
-/* y[t][o] for every position t of row o: blocks of 8 positions (2- and 4-bit codes in groups of 8 lane vectors),
- * of 4, then one at a time, each over the group's lane vectors in blocks as wide as the registers allow; and the
- * one-position kernel over a row tile (V##_tile_rows). */
-#define DEFINE_ROW(V, VEC, W, TARGET, P4, NR)                                                                    \
+/* y[t][o] for every position t of row o, one at a time, over the group's lane vectors in blocks as wide as the
+ * registers allow (a prefill's positions are V##_gemm's, _lunit_gemm.h); and the one-position kernel over a row
+ * tile (V##_tile_rows). */
+#define DEFINE_ROW(V, VEC, W, TARGET, NR)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 8)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 4)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 2)                                                                        \
     DEFINE_BLOCK(V, VEC, W, TARGET, 1, 1)                                                                        \
-    DEFINE_BLOCK(V, VEC, W, TARGET, 4, P4)                                                                       \
-    DEFINE_BLOCK(V, VEC, W, TARGET, 4, 1)                                                                        \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 2, NR)                                                             \
     DEFINE_ROW_SUM(V, VEC, TARGET)                                                                               \
-    DEFINE_PREFILLS(V, VEC, W, TARGET, 2, P4)                                                                    \
-    DEFINE_PREFILLS(V, VEC, W, TARGET, 4, P4)                                                                    \
     DEFINE_ONE_POSITION(V, VEC, W, TARGET, 8, 4, NR)                                                             \
     static TARGET void V##_row(const geometry *g, const uint8_t *const *tiles, int64_t o, const float *xp,      \
                                int64_t n_t, float *y, group *gr, float *acc) {                                  \
         const int64_t G = g->lanes, nvec = G / W, xs = g->n_groups * G;                                          \
-        int64_t ng = row_groups(g, tiles, o, gr), t0 = 0;                                                        \
-        if (nvec == 8 && (g->bits == 2 || g->bits == 4)) {                                                       \
-            if (xs <= PREFILL8_MAX_COLS)                                                                         \
-                for (; t0 + 8 <= n_t; t0 += 8) {                                                                 \
-                    (g->bits == 2 ? V##_prefill8_2 : V##_prefill8_4)(g, gr, ng, xp + t0 * xs, xs, acc);          \
-                    for (int64_t t = 0; t < 8; t++) y[(t0 + t) * g->rows + o] = V##_row_sum(acc + t * G);        \
-                }                                                                                                \
-            for (; t0 + 4 <= n_t; t0 += 4) {                                                                     \
-                (g->bits == 2 ? V##_prefill4_2 : V##_prefill4_4)(g, gr, ng, xp + t0 * xs, xs, acc);              \
-                for (int64_t t = 0; t < 4; t++) y[(t0 + t) * g->rows + o] = V##_row_sum(acc + t * G);            \
-            }                                                                                                    \
-        }                                                                                                        \
-        for (; t0 + 4 <= n_t; t0 += 4) {                                                                         \
-            int64_t lv = 0;                                                                                      \
-            for (; lv + P4 <= nvec; lv += P4) V##_block_4_##P4(g, gr, ng, xp + t0 * xs, xs, lv, acc);            \
-            for (; lv < nvec; lv++) V##_block_4_1(g, gr, ng, xp + t0 * xs, xs, lv, acc);                         \
-            for (int64_t t = 0; t < 4; t++) y[(t0 + t) * g->rows + o] = tree(acc + t * G, G);                    \
-        }                                                                                                        \
-        for (; t0 < n_t; t0++) {                                                                                 \
+        int64_t ng = row_groups(g, tiles, o, gr);                                                                \
+        for (int64_t t0 = 0; t0 < n_t; t0++) {                                                                   \
             int64_t lv = 0;                                                                                      \
             for (; lv + 8 <= nvec; lv += 8) V##_block_1_8(g, gr, ng, xp + t0 * xs, xs, lv, acc);                 \
             for (; lv + 4 <= nvec; lv += 4) V##_block_1_4(g, gr, ng, xp + t0 * xs, xs, lv, acc);                 \
@@ -565,13 +476,36 @@ static inline TARGET_V16 float v16_lanes_sum(v16f u) {
         (g->bits == 2 ? V##_one_position_2 : V##_one_position_4)(g, tiles, i, rr0, rr1, xp, y);                  \
     }
 
-DEFINE_ROW(v8, v8f, 8, TARGET_V8, 2, 1)
+DEFINE_ROW(v8, v8f, 8, TARGET_V8, 1)
 #if LUNIT_X86
 /* 16-lane vectors leave room for two rows' accumulators in registers (8-lane ones, AVX2's 16 registers, not) */
 DEFINE_ROWS(v16, v16f, 16, TARGET_V16, 8, 2, 2)
 DEFINE_ROWS(v16, v16f, 16, TARGET_V16, 8, 4, 2)
-DEFINE_ROW(v16, v16f, 16, TARGET_V16, 4, 2)
+DEFINE_ROW(v16, v16f, 16, TARGET_V16, 2)
 #endif
+
+#include "_lunit_gemm.h"
+
+/* A prefill's register tile: rows by positions (16 accumulators of 16 lanes, 8 of 8 lanes in AVX2's 16 registers).
+ * SmolLM2's 32-token prefill, side by side: 4 x 4 faster than 6 x 4, 2 x 8, 3 x 8 and 8 x 2 (docs/performance.md). */
+#ifndef GEMM_ROWS16
+#define GEMM_ROWS16 4
+#endif
+#ifndef GEMM_ROWS8
+#define GEMM_ROWS8 2
+#endif
+#ifndef GEMM_POSITIONS
+#define GEMM_POSITIONS 4
+#endif
+#define GEMM_MAX_ROWS 8 /* the scratch of a thread holds this many rows of weights and their tiles' lanes */
+_Static_assert(GEMM_ROWS16 <= GEMM_MAX_ROWS && GEMM_ROWS8 <= GEMM_MAX_ROWS, "a GEMM tile of more rows than the scratch holds");
+DEFINE_GEMM(v8, v8f, 8, TARGET_V8, GEMM_ROWS8, GEMM_POSITIONS)
+#if LUNIT_X86
+DEFINE_GEMM(v16, v16f, 16, TARGET_V16, GEMM_ROWS16, GEMM_POSITIONS)
+#endif
+
+typedef void (*gemm_fn)(const geometry *, const uint8_t *const *, int64_t, int64_t, const float *, int64_t, int64_t,
+                        float *, group *, float *, float *);
 
 typedef void (*row_fn)(const geometry *, const uint8_t *const *, int64_t, const float *, int64_t, float *, group *,
                        float *);
@@ -635,6 +569,8 @@ typedef struct {
     int64_t n_t;
     row_fn row;
     tile_fn tile_rows;  /* one position, a row tile's rows at a time (else: row by row) */
+    gemm_fn gemm;       /* a prefill, as a register tile (else: row by row) */
+    int64_t n_tp;       /* positions xp holds: n_t, or with the tile, a multiple of its positions */
     int64_t chunk_rows, chunks_a_tile;
     lora_job *lora;
 } product;
@@ -678,6 +614,12 @@ static void compute_chunk(const void *job, int64_t c, void *scratch) {
     }
     group *gr = scratch;
     float *acc = (float *)(((uintptr_t)(gr + g->n_groups) + 63) & ~(uintptr_t)63);  /* on a 64-byte line */
+    if (p->gemm) {
+        int64_t o0 = c * p->chunk_rows, o1 = o0 + p->chunk_rows < g->rows ? o0 + p->chunk_rows : g->rows;
+        float *wl = acc + GEMM_MAX_ROWS * GEMM_POSITIONS * g->lanes;
+        p->gemm(g, p->tiles, o0, o1, p->xp, p->n_t, p->n_tp, p->y, gr, wl, acc);
+        return;
+    }
     if (p->tile_rows) {
         int64_t i = c / p->chunks_a_tile, rr0 = c % p->chunks_a_tile * p->chunk_rows;
         int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;
@@ -686,12 +628,7 @@ static void compute_chunk(const void *job, int64_t c, void *scratch) {
         return;
     }
     int64_t o1 = (c + 1) * p->chunk_rows < g->rows ? (c + 1) * p->chunk_rows : g->rows;
-    const int64_t xs = g->n_groups * g->lanes;
-    for (int64_t t0 = 0; t0 < p->n_t; t0 += POSITION_BLOCK) {
-        int64_t nb = p->n_t - t0 < POSITION_BLOCK ? p->n_t - t0 : POSITION_BLOCK;
-        for (int64_t o = c * p->chunk_rows; o < o1; o++)
-            p->row(g, p->tiles, o, p->xp + t0 * xs, nb, p->y + t0 * g->rows, gr, acc);
-    }
+    for (int64_t o = c * p->chunk_rows; o < o1; o++) p->row(g, p->tiles, o, p->xp, p->n_t, p->y, gr, acc);
 }
 
 /* matmul_affine(tiles, ct, rows, cols, tr, tc, bits, per, lanes, f0bits, f1bits, n_groups, lane_cols, x, y,
@@ -763,17 +700,29 @@ static PyObject *matmul_affine(PyObject *self, PyObject *const *args, Py_ssize_t
     const int64_t *lane_cols = (const int64_t *)lb.buf;
     const float *x = (const float *)xb.buf;
     float *y = (float *)yb.buf;
+    gemm_fn gemm = NULL;
+    if (n_t > 1) {
+#if LUNIT_X86
+        if (row == v16_row) gemm = v16_gemm;
+#endif
+        if (row == v8_row) gemm = v8_gemm;
+    }
+    int64_t n_tp = gemm ? (n_t + GEMM_POSITIONS - 1) / GEMM_POSITIONS * GEMM_POSITIONS : n_t;
     /* on 64-byte lines: a 16-lane load of the inputs then never straddles two (prefill 1.0-1.2x side by side) */
-    float *xp = aligned_alloc(64, (sizeof(float) * (size_t)(n_t * xs + 1) + 63) / 64 * 64);
+    float *xp = aligned_alloc(64, (sizeof(float) * (size_t)(n_tp * xs + 1) + 63) / 64 * 64);
     if (!xp) {
         PyErr_NoMemory();
         goto done;
     }
     for (int64_t t = 0; t < n_t; t++)
         for (int64_t k = 0; k < xs; k++) xp[t * xs + k] = lane_cols[k] >= 0 ? x[t * g.cols + lane_cols[k]] : 0.0f;
-    product job = {&g, tiles, xp, y, n_t, row, n_t == 1 ? tile_kernel(&g, row) : NULL, 0, 0,
+    memset(xp + n_t * xs, 0, sizeof(float) * (size_t)((n_tp - n_t) * xs));
+    product job = {&g, tiles, xp, y, n_t, row, n_t == 1 ? tile_kernel(&g, row) : NULL, gemm, n_tp, 0, 0,
                    nargs == 26 ? &lora : NULL};
-    size_t scratch = sizeof(group) * (size_t)g.n_groups + 64 + sizeof(float) * (size_t)((g.tr > 8 ? g.tr : 8) * g.lanes);
+    int64_t lane_floats = (g.tr > 8 ? g.tr : 8) * g.lanes;
+    if (gemm && lane_floats < GEMM_MAX_ROWS * (GEMM_POSITIONS * g.lanes + xs))
+        lane_floats = GEMM_MAX_ROWS * (GEMM_POSITIONS * g.lanes + xs);
+    size_t scratch = sizeof(group) * (size_t)g.n_groups + 64 + sizeof(float) * (size_t)lane_floats;
     int64_t n_chunks = chunks(&job, threads) + (job.lora != NULL);
     int oom;
     Py_BEGIN_ALLOW_THREADS
