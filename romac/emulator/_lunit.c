@@ -486,24 +486,6 @@ DEFINE_ROW(v16, v16f, 16, TARGET_V16, 2)
 
 #include "_lunit_gemm.h"
 
-/* A prefill's register tile: rows by positions (16 accumulators of 16 lanes, 8 of 8 lanes in AVX2's 16 registers).
- * SmolLM2's 32-token prefill, side by side: 4 x 4 faster than 6 x 4, 2 x 8, 3 x 8 and 8 x 2 (docs/performance.md). */
-#ifndef GEMM_ROWS16
-#define GEMM_ROWS16 4
-#endif
-#ifndef GEMM_ROWS8
-#define GEMM_ROWS8 2
-#endif
-#ifndef GEMM_POSITIONS
-#define GEMM_POSITIONS 4
-#endif
-#define GEMM_MAX_ROWS 8 /* the scratch of a thread holds this many rows of weights and their tiles' lanes */
-_Static_assert(GEMM_ROWS16 <= GEMM_MAX_ROWS && GEMM_ROWS8 <= GEMM_MAX_ROWS, "a GEMM tile of more rows than the scratch holds");
-DEFINE_GEMM(v8, v8f, 8, TARGET_V8, GEMM_ROWS8, GEMM_POSITIONS)
-#if LUNIT_X86
-DEFINE_GEMM(v16, v16f, 16, TARGET_V16, GEMM_ROWS16, GEMM_POSITIONS)
-#endif
-
 typedef void (*gemm_fn)(const geometry *, const uint8_t *const *, int64_t, int64_t, const float *, int64_t, int64_t,
                         float *, group *, float *, float *);
 

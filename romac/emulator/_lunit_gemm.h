@@ -15,6 +15,13 @@
  * with none skips that group, one with some adds 0 · 0 to them. Neither changes a lane, whose sums start at +0 and
  * so never hold -0 (x + y is -0 only if both are), and x + 0 = x for every other x. */
 
+/* The sums of n outputs' G lanes (lanes[n][G]) into out[n], output by output (kernels._tree's order). */
+#define DEFINE_GEMM_SUMS(V, W, TARGET)                                                                           \
+    static inline TARGET void V##_gemm_sums(const geometry *g, float *lanes, int64_t n, float *out) {           \
+        const int64_t G = g->lanes;                                                                              \
+        for (int64_t i = 0; i < n; i++) out[i] = G == 8 * W ? V##_row_sum(lanes + i * G) : tree(lanes + i * G, G); \
+    }
+
 /* One group's weights in lane order, 0 in the lanes past the row's end: out[G]. */
 #define DEFINE_GEMM_GROUP(V, VEC, W, TARGET)                                                                     \
     static TARGET void V##_gemm_group(const geometry *g, const group *q, float *out) {                          \
@@ -66,38 +73,94 @@
         for (int64_t k = 0; k < ng; k++) V##_gemm_group(g, gr + k, out + k * g->lanes);                          \
     }
 
-/* The lanes of R rows (weights wl[R][xs]) by TR positions (inputs xp[TR][xs]) into lanes[R * TR][G], lane vector
- * by lane vector; groups[v]: how many of the row's groups lane vector v holds columns of. */
+/* a[R][TR] = lane vector v of R rows (weights wl[R][xs]) by TR positions (inputs xp[TR][xs]), over the groups
+ * it holds columns of (groups[v]), in column order. */
+#define GEMM_LANE_VECTOR(VEC, W, R, TR, a, v)                                                                    \
+    do {                                                                                                         \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                      \
+            _Pragma("GCC unroll 8") for (int t = 0; t < TR; t++) a[r][t] = (VEC){0};                            \
+        const float *wk = wl + (v) * W, *xk = xp + (v) * W;                                                      \
+        for (int64_t k = 0; k < groups[v]; k++, wk += G, xk += G) {                                              \
+            VEC w[R];                                                                                            \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) w[r] = *(const VEC##_u *)(wk + r * xs);         \
+            _Pragma("GCC unroll 8") for (int t = 0; t < TR; t++) {                                               \
+                VEC xv = *(const VEC##_u *)(xk + t * xs);                                                        \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) a[r][t] += w[r] * xv;                       \
+            }                                                                                                    \
+        }                                                                                                        \
+    } while (0)
+
+/* sums[r * TR + t] = output (r, t) of R rows by TR positions: every lane vector's accumulators stored in
+ * lanes[R * TR][G], then each (row, position)'s lanes summed (V##_gemm_sums). */
 #define DEFINE_GEMM_TILE(V, VEC, W, TARGET, R, TR)                                                               \
-    static TARGET void V##_gemm_tile(const geometry *g, const int64_t *groups, const float *wl, const float *xp, \
-                                     float *lanes) {                                                            \
+    static TARGET void V##_gemm_tile_stored(const geometry *g, const int64_t *groups, const float *wl,         \
+                                            const float *xp, float *lanes, float *sums) {                       \
         const int64_t G = g->lanes, nvec = G / W, xs = g->n_groups * G;                                          \
         for (int64_t v = 0; v < nvec; v++) {                                                                     \
             VEC a[R][TR];                                                                                        \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
-                _Pragma("GCC unroll 8") for (int t = 0; t < TR; t++) a[r][t] = (VEC){0};                        \
-            const float *wk = wl + v * W, *xk = xp + v * W;                                                      \
-            for (int64_t k = 0; k < groups[v]; k++, wk += G, xk += G) {                                          \
-                VEC w[R];                                                                                        \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) memcpy(&w[r], wk + r * xs, sizeof w[r]);    \
-                _Pragma("GCC unroll 8") for (int t = 0; t < TR; t++) {                                           \
-                    VEC xv;                                                                                      \
-                    memcpy(&xv, xk + t * xs, sizeof xv);                                                         \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) a[r][t] += w[r] * xv;                   \
-                }                                                                                                \
-            }                                                                                                    \
+            GEMM_LANE_VECTOR(VEC, W, R, TR, a, v);                                                               \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                  \
                 _Pragma("GCC unroll 8") for (int t = 0; t < TR; t++)                                             \
-                    memcpy(lanes + (r * TR + t) * G + v * W, &a[r][t], sizeof a[r][t]);                          \
+                    *(VEC##_u *)(lanes + (r * TR + t) * G + v * W) = a[r][t];                                    \
         }                                                                                                        \
+        V##_gemm_sums(g, lanes, R * TR, sums);                                                                   \
     }
 
+#if LUNIT_X86
+/* The 16 sums of u[i]'s lanes at once, in kernels._tree's pairs (lane k adds lane k + 8, then k + 4, k + 2,
+ * k + 1): each add on the lanes of several vectors side by side, shuffled together first, 45 operations where one
+ * vector at a time takes 8 each. Lane 4m + j of the last vector holds the sum of u[m + 4j]. */
+static inline TARGET_V16 void v16_lanes_sums16(const v16f *u, float *out) {
+    __m512 c[8], e[4], f[2];
+    for (int i = 0; i < 8; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4((__m512)u[2 * i], (__m512)u[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4((__m512)u[2 * i], (__m512)u[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        f[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0xEE));
+    float lanes[16];
+    _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_shuffle_ps(f[0], f[1], 0x88), _mm512_shuffle_ps(f[0], f[1], 0xDD)));
+    for (int m = 0; m < 4; m++)
+        for (int j = 0; j < 4; j++) out[m + 4 * j] = lanes[4 * m + j];
+}
+
+/* The 16-lane tile of 16 (row, position) outputs over groups of 8 lane vectors, summed as it goes: the lane
+ * vectors in the order 0, 4, 2, 6, 1, 5, 3, 7, each added to the pending partial sums it pairs with in the tree
+ * (vector v with v + 4, those with v + 2, those with v + 1: kernels._tree's pairs, depth first) so that only
+ * three vectors of partial sums an output wait in memory (stack[3][16]), and the last vector's lanes summed in
+ * registers (v16_lanes_sums16), where storing every lane vector and summing row by row loaded each back. */
+#define DEFINE_GEMM_TILE_SUMMED(R, TR)                                                                           \
+    _Static_assert((R) * (TR) == 16, "the summed tile holds 16 outputs");                                        \
+    static TARGET_V16 void v16_gemm_tile_summed(const geometry *g, const int64_t *groups, const float *wl,      \
+                                                const float *xp, float *stack, float *sums) {                   \
+        enum { W = 16 };                                                                                         \
+        const int64_t G = 128, xs = g->n_groups * G;                                                             \
+        static const int order[8] = {0, 4, 2, 6, 1, 5, 3, 7};                                                    \
+        v16f a[R][TR];                                                                                           \
+        _Pragma("GCC unroll 1") for (int i = 0; i < 8; i++) {                                                    \
+            GEMM_LANE_VECTOR(v16f, W, R, TR, a, order[i]);                                                       \
+            int level = 0;                                                                                       \
+            for (int b = i; b & 1; b >>= 1, level++)                                                             \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                              \
+                    _Pragma("GCC unroll 8") for (int t = 0; t < TR; t++)                                         \
+                        a[r][t] += *(const v16f *)(stack + (level * 16 + r * TR + t) * W);                       \
+            if (i < 7)                                                                                           \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                              \
+                    _Pragma("GCC unroll 8") for (int t = 0; t < TR; t++)                                         \
+                        *(v16f *)(stack + (level * 16 + r * TR + t) * W) = a[r][t];                              \
+        }                                                                                                        \
+        v16_lanes_sums16(&a[0][0], sums);                                                                        \
+    }
+#endif
+
 /* y[t][o] for rows o0 .. o1 - 1 and positions 0 .. n_t - 1 (xp holds n_tp, a multiple of TR, 0 past n_t): R rows'
- * weights made at a time, then tiled with every TR positions. Scratch: gr (n_groups), wl (R * xs), lanes
- * (R * TR * G). */
+ * weights made at a time, then tiled with every TR positions (V##_gemm_tile: sums[R * TR] of a tile). Scratch: gr
+ * (n_groups), wl (R * xs), lanes (R * TR * G). */
 #define DEFINE_GEMM(V, VEC, W, TARGET, R, TR)                                                                    \
     DEFINE_GEMM_WEIGHTS(V, VEC, W, TARGET)                                                                       \
-    DEFINE_GEMM_TILE(V, VEC, W, TARGET, R, TR)                                                                   \
     static TARGET void V##_gemm(const geometry *g, const uint8_t *const *tiles, int64_t o0, int64_t o1,         \
                                 const float *xp, int64_t n_t, int64_t n_tp, float *y, group *gr, float *wl,      \
                                 float *lanes) {                                                                  \
@@ -114,12 +177,52 @@
                     memset(wl + r * xs, 0, sizeof(float) * (size_t)xs);                                          \
             }                                                                                                    \
             for (int64_t t0 = 0; t0 < n_tp; t0 += TR) {                                                          \
-                V##_gemm_tile(g, groups, wl, xp + t0 * xs, lanes);                                               \
+                float sums[R * TR];                                                                              \
+                V##_gemm_tile(g, groups, wl, xp + t0 * xs, lanes, sums);                                         \
                 for (int64_t r = 0; r < R && ob + r < o1; r++)                                                   \
-                    for (int64_t t = 0; t < TR && t0 + t < n_t; t++) {                                           \
-                        float *l = lanes + (r * TR + t) * G;                                                     \
-                        y[(t0 + t) * g->rows + ob + r] = nvec == 8 ? V##_row_sum(l) : tree(l, G);                \
-                    }                                                                                            \
+                    for (int64_t t = 0; t < TR && t0 + t < n_t; t++) y[(t0 + t) * g->rows + ob + r] = sums[r * TR + t]; \
             }                                                                                                    \
         }                                                                                                        \
     }
+
+/* A prefill's register tile: rows by positions (16 accumulators of 16 lanes, 8 of 8 lanes in AVX2's 16 registers).
+ * SmolLM2's 32-token prefill, side by side: 4 x 4 faster than 6 x 4, 2 x 8, 3 x 8 and 8 x 2 (docs/performance.md). */
+#ifndef GEMM_ROWS16
+#define GEMM_ROWS16 4
+#endif
+#ifndef GEMM_ROWS8
+#define GEMM_ROWS8 2
+#endif
+#ifndef GEMM_POSITIONS
+#define GEMM_POSITIONS 4
+#endif
+#define GEMM_MAX_ROWS 8 /* the scratch of a thread holds this many rows of weights and their tiles' lanes */
+_Static_assert(GEMM_ROWS16 <= GEMM_MAX_ROWS && GEMM_ROWS8 <= GEMM_MAX_ROWS, "a tile of more rows than the scratch");
+
+DEFINE_GEMM_SUMS(v8, 8, TARGET_V8)
+DEFINE_GEMM_TILE(v8, v8f, 8, TARGET_V8, GEMM_ROWS8, GEMM_POSITIONS)
+static inline TARGET_V8 void v8_gemm_tile(const geometry *g, const int64_t *groups, const float *wl, const float *xp,
+                                          float *lanes, float *sums) {
+    v8_gemm_tile_stored(g, groups, wl, xp, lanes, sums);
+}
+DEFINE_GEMM(v8, v8f, 8, TARGET_V8, GEMM_ROWS8, GEMM_POSITIONS)
+
+#if LUNIT_X86
+DEFINE_GEMM_SUMS(v16, 16, TARGET_V16)
+DEFINE_GEMM_TILE(v16, v16f, 16, TARGET_V16, GEMM_ROWS16, GEMM_POSITIONS)
+#if GEMM_ROWS16 * GEMM_POSITIONS == 16
+DEFINE_GEMM_TILE_SUMMED(GEMM_ROWS16, GEMM_POSITIONS)
+#define GEMM_SUMMED(g) ((g)->lanes == 128)
+#else
+#define v16_gemm_tile_summed v16_gemm_tile_stored
+#define GEMM_SUMMED(g) 0
+#endif
+static inline TARGET_V16 void v16_gemm_tile(const geometry *g, const int64_t *groups, const float *wl,
+                                            const float *xp, float *lanes, float *sums) {
+    if (GEMM_SUMMED(g))
+        v16_gemm_tile_summed(g, groups, wl, xp, lanes, sums);
+    else
+        v16_gemm_tile_stored(g, groups, wl, xp, lanes, sums);
+}
+DEFINE_GEMM(v16, v16f, 16, TARGET_V16, GEMM_ROWS16, GEMM_POSITIONS)
+#endif
