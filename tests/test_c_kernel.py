@@ -1,8 +1,8 @@
 """The C product kernel (romac.emulator._lunit) against the numba kernel it mirrors: bit for bit the same outputs,
 for every format it computes (INT2/INT4/INT8 affine codes with their fp16 scales), at the tile edges (rows and
 columns that are not multiples of the tile, a partial last group, lane vectors that hold only some of its
-columns), for one position and for prefills of every remainder of its blocks of four (37 positions: past two of
-the sweeps of POSITION_BLOCK), on one to three threads,
+columns), for one position and for prefills of every remainder of the register tile's 4 positions (2, 4, 7, 37:
+the tile summing its lanes as it goes for groups of 128 lanes, storing them for the rest), on one to three threads,
 at each lane width this CPU runs; and its thread pool: products from several Python threads at once, and in a
 child process forked after the pool's threads started. The numba kernel is tested against the numpy definition
 (test_kernels.py)."""
@@ -31,7 +31,7 @@ CASES = [
     ("int4-g64-t256", _SHAPE, dict(tile_rows=8, tile_cols=256, group_size=64), dict(quant="int4")),
     ("int2-g32", _SHAPE, dict(tile_rows=8, tile_cols=64, group_size=32), dict(quant="int2")),
     ("int4-g16", _SHAPE, dict(tile_rows=8, tile_cols=48, group_size=16), dict(quant="int4")),
-    # the down projection's rows of 1,100 columns: past the 8-position prefill's limit (PREFILL8_MAX_COLS, 768)
+    # the down projection's rows of 1,100 columns: nine groups, the last partial
     ("int2-g128-long-rows", dict(_SHAPE, intermediate_size=1100), dict(tile_rows=16, tile_cols=128), dict(quant="int2")),
 ]
 
