@@ -596,12 +596,6 @@ static void compute_chunk(const void *job, int64_t c, void *scratch) {
     }
     group *gr = scratch;
     float *acc = (float *)(((uintptr_t)(gr + g->n_groups) + 63) & ~(uintptr_t)63);  /* on a 64-byte line */
-    if (p->gemm) {
-        int64_t o0 = c * p->chunk_rows, o1 = o0 + p->chunk_rows < g->rows ? o0 + p->chunk_rows : g->rows;
-        float *wl = acc + GEMM_MAX_ROWS * GEMM_POSITIONS * g->lanes;
-        p->gemm(g, p->tiles, o0, o1, p->xp, p->n_t, p->n_tp, p->y, gr, wl, acc);
-        return;
-    }
     if (p->tile_rows) {
         int64_t i = c / p->chunks_a_tile, rr0 = c % p->chunks_a_tile * p->chunk_rows;
         int64_t r = g->tr < g->rows - i * g->tr ? g->tr : g->rows - i * g->tr;
@@ -609,8 +603,13 @@ static void compute_chunk(const void *job, int64_t c, void *scratch) {
         if (rr0 < rr1) p->tile_rows(g, p->tiles, i, rr0, rr1, p->xp, p->y);
         return;
     }
-    int64_t o1 = (c + 1) * p->chunk_rows < g->rows ? (c + 1) * p->chunk_rows : g->rows;
-    for (int64_t o = c * p->chunk_rows; o < o1; o++) p->row(g, p->tiles, o, p->xp, p->n_t, p->y, gr, acc);
+    int64_t o0 = c * p->chunk_rows, o1 = o0 + p->chunk_rows < g->rows ? o0 + p->chunk_rows : g->rows;
+    if (p->gemm) {
+        float *wl = acc + GEMM_MAX_ROWS * GEMM_POSITIONS * g->lanes;
+        p->gemm(g, p->tiles, o0, o1, p->xp, p->n_t, p->n_tp, p->y, gr, wl, acc);
+        return;
+    }
+    for (int64_t o = o0; o < o1; o++) p->row(g, p->tiles, o, p->xp, p->n_t, p->y, gr, acc);
 }
 
 /* matmul_affine(tiles, ct, rows, cols, tr, tc, bits, per, lanes, f0bits, f1bits, n_groups, lane_cols, x, y,

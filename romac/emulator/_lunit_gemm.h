@@ -189,17 +189,11 @@ static inline TARGET_V16 void v16_lanes_sums16(const v16f *u, float *out) {
 
 /* A prefill's register tile: rows by positions (16 accumulators of 16 lanes, 8 of 8 lanes in AVX2's 16 registers).
  * SmolLM2's 32-token prefill, side by side: 4 x 4 faster than 6 x 4, 2 x 8, 3 x 8 and 8 x 2 (docs/performance.md). */
-#ifndef GEMM_ROWS16
 #define GEMM_ROWS16 4
-#endif
-#ifndef GEMM_ROWS8
 #define GEMM_ROWS8 2
-#endif
-#ifndef GEMM_POSITIONS
 #define GEMM_POSITIONS 4
-#endif
-#define GEMM_MAX_ROWS 8 /* the scratch of a thread holds this many rows of weights and their tiles' lanes */
-_Static_assert(GEMM_ROWS16 <= GEMM_MAX_ROWS && GEMM_ROWS8 <= GEMM_MAX_ROWS, "a tile of more rows than the scratch");
+/* the rows of weights a thread's scratch holds: the larger tile's */
+#define GEMM_MAX_ROWS (GEMM_ROWS16 > GEMM_ROWS8 ? GEMM_ROWS16 : GEMM_ROWS8)
 
 DEFINE_GEMM_SUMS(v8, 8, TARGET_V8)
 DEFINE_GEMM_TILE(v8, v8f, 8, TARGET_V8, GEMM_ROWS8, GEMM_POSITIONS)
@@ -212,16 +206,10 @@ DEFINE_GEMM(v8, v8f, 8, TARGET_V8, GEMM_ROWS8, GEMM_POSITIONS)
 #if LUNIT_X86
 DEFINE_GEMM_SUMS(v16, 16, TARGET_V16)
 DEFINE_GEMM_TILE(v16, v16f, 16, TARGET_V16, GEMM_ROWS16, GEMM_POSITIONS)
-#if GEMM_ROWS16 * GEMM_POSITIONS == 16
 DEFINE_GEMM_TILE_SUMMED(GEMM_ROWS16, GEMM_POSITIONS)
-#define GEMM_SUMMED(g) ((g)->lanes == 128)
-#else
-#define v16_gemm_tile_summed v16_gemm_tile_stored
-#define GEMM_SUMMED(g) 0
-#endif
 static inline TARGET_V16 void v16_gemm_tile(const geometry *g, const int64_t *groups, const float *wl,
                                             const float *xp, float *lanes, float *sums) {
-    if (GEMM_SUMMED(g))
+    if (g->lanes == 128)
         v16_gemm_tile_summed(g, groups, wl, xp, lanes, sums);
     else
         v16_gemm_tile_stored(g, groups, wl, xp, lanes, sums);
